@@ -1,0 +1,133 @@
+"""Prompt-API versions: checking their definitions and rendering their templates.
+
+Pure functions with no database access, shared by the services (which refuse a bad
+definition before it is stored), the admin forms and the data plane (which renders).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+from jsonschema.exceptions import SchemaError
+
+from sluice import errors
+
+from .models import TEMPLATE_VARIABLE
+
+ROLES = ("system", "user", "assistant")
+# Defaults a version may set; the same names and ranges as OpenAI's chat parameters.
+PARAMETERS: dict[str, tuple[type | tuple[type, ...], float | None, float | None]] = {
+    "temperature": ((int, float), 0.0, 2.0),
+    "top_p": ((int, float), 0.0, 1.0),
+    "max_tokens": (int, 1, None),
+    "seed": (int, None, None),
+    "stop": ((str, list), None, None),
+}
+
+
+def _invalid(message: str, param: str, error: errors.ErrorCode = errors.INVALID_REQUEST):
+    return errors.SluiceError(error, message, param=param)
+
+
+def check_json_schema(schema: Any, param: str) -> None:
+    """Refuse a JSON Schema that is not itself valid, saying where and why."""
+    if not isinstance(schema, dict):
+        raise _invalid(f"{param} must be a JSON Schema object.", param, errors.INVALID_SCHEMA)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(part) for part in exc.absolute_path) or "(root)"
+        raise _invalid(
+            f"{param} is not a valid JSON Schema: {exc.message} (at {where}).",
+            param,
+            errors.INVALID_SCHEMA,
+        ) from None
+
+
+def check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages must be a non-empty list of {role, content}.", "messages")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _invalid(f"{where} must be an object with role and content.", where)
+        extra = sorted(set(message) - {"role", "content"})
+        if extra:
+            raise _invalid(f"{where} has an unknown field {extra[0]!r}.", f"{where}.{extra[0]}")
+        if message.get("role") not in ROLES:
+            raise _invalid(f"{where}.role must be one of {', '.join(ROLES)}.", f"{where}.role")
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise _invalid(f"{where}.content must be a non-empty string.", f"{where}.content")
+
+
+def check_parameters(parameters: Any) -> None:
+    if not isinstance(parameters, dict):
+        raise _invalid("parameters must be an object.", "parameters")
+    for name, value in parameters.items():
+        if name not in PARAMETERS:
+            raise _invalid(
+                f"Unknown parameter {name!r}; allowed: {', '.join(PARAMETERS)}.",
+                f"parameters.{name}",
+            )
+        kinds, low, high = PARAMETERS[name]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise _invalid(f"parameters.{name} has the wrong type.", f"parameters.{name}")
+        if low is not None and value < low or high is not None and value > high:
+            span = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise _invalid(f"parameters.{name} must be {span}.", f"parameters.{name}")
+        if name == "stop" and isinstance(value, list) and (
+            len(value) > 4 or not all(isinstance(item, str) and item for item in value)
+        ):
+            raise _invalid("parameters.stop takes up to 4 non-empty strings.", "parameters.stop")
+
+
+def check_version_definition(
+    *,
+    messages: Any,
+    input_schema: Any,
+    output_type: str,
+    output_schema: Any,
+    parameters: Any,
+) -> None:
+    """Every rule a version must satisfy before it can be stored."""
+    check_messages(messages)
+    check_json_schema(input_schema, "input_schema")
+    if input_schema.get("type") != "object":
+        raise _invalid(
+            'input_schema must describe an object ("type": "object"): inputs are named.',
+            "input_schema",
+            errors.INVALID_SCHEMA,
+        )
+    declared = set(input_schema.get("properties", {}))
+    for message in messages:
+        for name in TEMPLATE_VARIABLE.findall(message["content"]):
+            if name not in declared:
+                raise _invalid(
+                    f"The template uses {{{{{name}}}}} but input_schema declares no "
+                    f"property {name!r}.",
+                    "messages",
+                )
+    if output_type not in ("text", "json"):
+        raise _invalid("output_type must be 'text' or 'json'.", "output_type")
+    if output_schema is not None:
+        if output_type != "json":
+            raise _invalid("output_schema applies only when output_type is 'json'.",
+                           "output_schema")
+        check_json_schema(output_schema, "output_schema")
+    check_parameters(parameters)
+
+
+def render_messages(messages: list[dict[str, str]], inputs: dict[str, Any]) -> list[dict[str, str]]:
+    """Substitute {{variables}} with inputs; non-string values are written as JSON."""
+    import json
+
+    def value(match) -> str:
+        item = inputs.get(match.group(1), "")
+        return item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)
+
+    return [
+        {"role": message["role"], "content": TEMPLATE_VARIABLE.sub(value, message["content"])}
+        for message in messages
+    ]

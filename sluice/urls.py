@@ -1,0 +1,105 @@
+"""URL map: console at /, platform admin at /admin/, management API at /api/, data plane at /v1/."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from analytics import api as analytics_api
+from gateway import api as gateway_api
+from sluice import errors
+from sluice.middleware import is_api_path
+from tenants import api as tenants_api
+
+admin.site.site_header = "Sluice platform admin"
+admin.site.site_title = "Sluice admin"
+admin.site.index_title = "Platform"
+
+api_patterns = [
+    path("tenant/", tenants_api.TenantView.as_view(), name="tenant"),
+    path("keys/", tenants_api.ApiKeyListView.as_view(), name="keys"),
+    path("keys/<int:key_id>/", tenants_api.ApiKeyDetailView.as_view(), name="key"),
+    path("keys/<int:key_id>/revoke/", tenants_api.ApiKeyRevokeView.as_view(), name="key-revoke"),
+    path("keys/<int:key_id>/rotate/", tenants_api.ApiKeyRotateView.as_view(), name="key-rotate"),
+    path("access-requests/", tenants_api.AccessRequestListView.as_view(), name="access-requests"),
+    path(
+        "access-requests/<int:request_id>/",
+        tenants_api.AccessRequestDetailView.as_view(),
+        name="access-request",
+    ),
+    path(
+        "access-requests/<int:request_id>/approve/",
+        tenants_api.AccessRequestApproveView.as_view(),
+        name="access-request-approve",
+    ),
+    path(
+        "access-requests/<int:request_id>/reject/",
+        tenants_api.AccessRequestRejectView.as_view(),
+        name="access-request-reject",
+    ),
+    path(
+        "access-requests/<int:request_id>/withdraw/",
+        tenants_api.AccessRequestWithdrawView.as_view(),
+        name="access-request-withdraw",
+    ),
+    path("subscriptions/", tenants_api.SubscriptionListView.as_view(), name="subscriptions"),
+    path("members/", tenants_api.MemberListView.as_view(), name="members"),
+    path("members/<int:membership_id>/", tenants_api.MemberDetailView.as_view(), name="member"),
+    path("audit-events/", tenants_api.AuditEventListView.as_view(), name="audit-events"),
+    path("deployments/", gateway_api.DeploymentListView.as_view(), name="deployments"),
+    path("deployments/<str:slug>/", gateway_api.DeploymentDetailView.as_view(), name="deployment"),
+    path("prompt-apis/", gateway_api.PromptApiListView.as_view(), name="prompt-apis"),
+    path("prompt-apis/<slug:slug>/", gateway_api.PromptApiDetailView.as_view(), name="prompt-api"),
+    path(
+        "prompt-apis/<slug:slug>/versions/",
+        gateway_api.VersionListView.as_view(),
+        name="versions",
+    ),
+    path(
+        "prompt-apis/<slug:slug>/versions/<int:number>/",
+        gateway_api.VersionDetailView.as_view(),
+        name="version",
+    ),
+    path(
+        "prompt-apis/<slug:slug>/versions/<int:number>/publish/",
+        gateway_api.VersionPublishView.as_view(),
+        name="version-publish",
+    ),
+    path(
+        "prompt-apis/<slug:slug>/versions/<int:number>/activate/",
+        gateway_api.VersionActivateView.as_view(),
+        name="version-activate",
+    ),
+    path("call-logs/", analytics_api.CallLogListView.as_view(), name="call-logs"),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
+]
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/", include((api_patterns, "api"))),
+    path("", include("tenants.console.urls")),
+]
+
+
+def handler404(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if is_api_path(request.path):
+        return errors.json_error(request, errors.NOT_FOUND, f"No endpoint at {request.path}.")
+    return render(request, "404.html", status=404)
+
+
+def handler500(request: HttpRequest) -> HttpResponse:
+    if is_api_path(request.path):
+        return errors.json_error(
+            request,
+            errors.INTERNAL_ERROR,
+            "Internal server error; it has been logged. Quote the request_id if you report it.",
+        )
+    return render(request, "500.html", status=500)
+
+
+def handler400(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return errors.json_error(request, errors.INVALID_REQUEST, "Bad request.")
