@@ -289,11 +289,15 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     return response
 
 
-def ratelimited_view(request: HttpRequest, exception: Exception) -> JsonResponse:
+def ratelimited_view(request: HttpRequest, exception: Exception):
     """django-ratelimit's RATELIMIT_VIEW: a 429, never the 403 it would otherwise be."""
-    return json_error(
-        request,
-        RATE_LIMITED,
-        "Too many attempts; wait a minute and try again.",
-        headers={"Retry-After": "60"},
-    )
+    from django.shortcuts import render
+
+    from sluice.middleware import is_api_path
+
+    message = "Too many attempts; wait a minute and try again."
+    if not is_api_path(request.path):
+        response = render(request, "429.html", {"message": message}, status=429)
+        response["Retry-After"] = "60"
+        return response
+    return json_error(request, RATE_LIMITED, message, headers={"Retry-After": "60"})
