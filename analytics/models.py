@@ -15,20 +15,32 @@ class CallLog(models.Model):
 
     request_id = models.CharField(max_length=64, unique=True)
     tenant = models.ForeignKey(
-        "tenants.Tenant", on_delete=models.DO_NOTHING, db_constraint=False, null=True,
+        "tenants.Tenant",
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
         related_name="+",
     )
     api_key = models.ForeignKey(
-        "tenants.ApiKey", on_delete=models.DO_NOTHING, db_constraint=False, null=True,
+        "tenants.ApiKey",
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
         related_name="+",
     )
     deployment = models.ForeignKey(
-        "gateway.ModelDeployment", on_delete=models.DO_NOTHING, db_constraint=False, null=True,
+        "gateway.ModelDeployment",
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
         related_name="+",
     )
     prompt_api_version = models.ForeignKey(
-        "gateway.PromptApiVersion", on_delete=models.DO_NOTHING, db_constraint=False,
-        null=True, related_name="+",
+        "gateway.PromptApiVersion",
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
+        related_name="+",
     )
     endpoint = models.CharField(max_length=40, blank=True)
     status_code = models.PositiveSmallIntegerField()

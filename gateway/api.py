@@ -50,7 +50,9 @@ class DeploymentInput(StrictSerializer):
     backend = serializers.RegexField(
         r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$",
         max_length=200,
-        error_messages={"invalid": "backend must be a dotted Python path such as pkg.module.Class."},
+        error_messages={
+            "invalid": "backend must be a dotted Python path such as pkg.module.Class."
+        },
     )
     backend_config = serializers.DictField(required=False)
     capacity = serializers.IntegerField(required=False, min_value=1, max_value=100_000)
@@ -87,8 +89,11 @@ class DeploymentListView(ManagementView):
         rows = page.paginate_queryset(queryset, request, view=self)
         return page.get_paginated_response(_deployment_body(self, rows, many=True))
 
-    @extend_schema(summary="Create a deployment (staff)", request=DeploymentInput,
-                   responses={201: DeploymentStaffOut})
+    @extend_schema(
+        summary="Create a deployment (staff)",
+        request=DeploymentInput,
+        responses={201: DeploymentStaffOut},
+    )
     def post(self, request):
         policy.require_staff(self.actor, "create deployments")
         data = DeploymentInput(data=request.data)
@@ -103,10 +108,13 @@ class DeploymentDetailView(ManagementView):
     @extend_schema(summary="One deployment", responses=DeploymentOut)
     def get(self, request, slug: str):
         scope = None if self.actor.is_staff else self.tenant
-        return Response(_deployment_body(self, selectors.access_deployment(tenant=scope, slug=slug)))
+        return Response(
+            _deployment_body(self, selectors.access_deployment(tenant=scope, slug=slug))
+        )
 
-    @extend_schema(summary="Change a deployment (staff)", request=DeploymentInput,
-                   responses=DeploymentStaffOut)
+    @extend_schema(
+        summary="Change a deployment (staff)", request=DeploymentInput, responses=DeploymentStaffOut
+    )
     def patch(self, request, slug: str):
         policy.require_staff(self.actor, "change deployments")
         deployment = selectors.access_deployment(tenant=None, slug=slug)
@@ -126,8 +134,9 @@ class PromptApiOut(serializers.Serializer):
     name = serializers.CharField()
     description = serializers.CharField()
     visibility = serializers.CharField()
-    owner = serializers.CharField(source="tenant.slug", default=None,
-                                  help_text="Owning tenant; null for platform-wide.")
+    owner = serializers.CharField(
+        source="tenant.slug", default=None, help_text="Owning tenant; null for platform-wide."
+    )
     active_version = serializers.IntegerField(source="active_version.number", default=None)
     endpoint = serializers.SerializerMethodField()
     created_at = serializers.DateTimeField()
@@ -187,7 +196,7 @@ def _may_edit(view: ManagementView, prompt_api: PromptApi, role: str, doing: str
 class PromptApiListView(ManagementView):
     tenant_required = False
 
-    class InputSerializer(StrictSerializer):
+    class PromptApiInput(StrictSerializer):
         slug = serializers.SlugField(max_length=80)
         name = serializers.CharField(max_length=100)
         description = serializers.CharField(required=False, allow_blank=True)
@@ -196,15 +205,19 @@ class PromptApiListView(ManagementView):
             required=False, default=False, help_text="Staff only: owned by no tenant."
         )
 
-    @extend_schema(summary="Your prompt-APIs and every public one",
-                   responses=PromptApiOut(many=True))
+    @extend_schema(
+        summary="Your prompt-APIs and every public one", responses=PromptApiOut(many=True)
+    )
     def get(self, request):
         return self.paginated(selectors.prompt_apis_visible_to(self.tenant), PromptApiOut)
 
-    @extend_schema(summary="Create a prompt-API (then add a version and publish it)",
-                   request=InputSerializer, responses={201: PromptApiOut})
+    @extend_schema(
+        summary="Create a prompt-API (then add a version and publish it)",
+        request=PromptApiInput,
+        responses={201: PromptApiOut},
+    )
     def post(self, request):
-        data = self.InputSerializer(data=request.data)
+        data = self.PromptApiInput(data=request.data)
         data.is_valid(raise_exception=True)
         fields = dict(data.validated_data)
         if fields.pop("platform_wide"):
@@ -213,7 +226,8 @@ class PromptApiListView(ManagementView):
         elif self.tenant is None:
             raise errors.SluiceError(
                 errors.INVALID_REQUEST,
-                "Name the owning tenant (?tenant=<slug>) or set platform_wide.", param="tenant",
+                "Name the owning tenant (?tenant=<slug>) or set platform_wide.",
+                param="tenant",
             )
         else:
             policy.require_role(self.actor, self.tenant, Role.MEMBER, "create prompt-APIs")
@@ -227,7 +241,9 @@ class PromptApiDetailView(ManagementView):
 
     @extend_schema(summary="One prompt-API", responses=PromptApiOut)
     def get(self, request, slug: str):
-        return Response(PromptApiOut(selectors.access_prompt_api(tenant=self.tenant, slug=slug)).data)
+        return Response(
+            PromptApiOut(selectors.access_prompt_api(tenant=self.tenant, slug=slug)).data
+        )
 
 
 def _visible_versions(view: ManagementView, prompt_api: PromptApi):
@@ -241,22 +257,24 @@ def _visible_versions(view: ManagementView, prompt_api: PromptApi):
 def _resolve_deployment(slug: str) -> ModelDeployment:
     found = ModelDeployment.objects.filter(slug=slug).first()
     if found is None:
-        raise errors.SluiceError(errors.INVALID_REQUEST, f"No deployment '{slug}'.",
-                                 param="deployment")
+        raise errors.SluiceError(
+            errors.INVALID_REQUEST, f"No deployment '{slug}'.", param="deployment"
+        )
     return found
 
 
 class VersionListView(ManagementView):
     tenant_required = False
 
-    @extend_schema(summary="A prompt-API's versions (other tenants see published ones)",
-                   responses=VersionOut(many=True))
+    @extend_schema(
+        summary="A prompt-API's versions (other tenants see published ones)",
+        responses=VersionOut(many=True),
+    )
     def get(self, request, slug: str):
         prompt_api = selectors.access_prompt_api(tenant=self.tenant, slug=slug)
         return self.paginated(_visible_versions(self, prompt_api), VersionOut)
 
-    @extend_schema(summary="Add a draft version", request=VersionInput,
-                   responses={201: VersionOut})
+    @extend_schema(summary="Add a draft version", request=VersionInput, responses={201: VersionOut})
     def post(self, request, slug: str):
         prompt_api = selectors.access_prompt_api(tenant=self.tenant, slug=slug)
         _may_edit(self, prompt_api, Role.MEMBER, "add versions to")
@@ -284,8 +302,11 @@ class VersionDetailView(ManagementView):
     def get(self, request, slug: str, number: int):
         return Response(VersionOut(self._version(slug, number)).data)
 
-    @extend_schema(summary="Change a draft version (published ones are immutable: 409)",
-                   request=VersionInput, responses=VersionOut)
+    @extend_schema(
+        summary="Change a draft version (published ones are immutable: 409)",
+        request=VersionInput,
+        responses=VersionOut,
+    )
     def patch(self, request, slug: str, number: int):
         version = self._version(slug, number)
         _may_edit(self, version.prompt_api, Role.MEMBER, "edit versions of")
@@ -303,7 +324,8 @@ class VersionPublishView(ManagementView):
 
     @extend_schema(
         summary="Publish a draft (admins; members file a publish_version access request)",
-        request=None, responses=VersionOut,
+        request=None,
+        responses=VersionOut,
     )
     def post(self, request, slug: str, number: int):
         prompt_api = selectors.access_prompt_api(tenant=self.tenant, slug=slug)
@@ -316,8 +338,11 @@ class VersionPublishView(ManagementView):
 class VersionActivateView(ManagementView):
     tenant_required = False
 
-    @extend_schema(summary="Serve this published version again (roll back)", request=None,
-                   responses=PromptApiOut)
+    @extend_schema(
+        summary="Serve this published version again (roll back)",
+        request=None,
+        responses=PromptApiOut,
+    )
     def post(self, request, slug: str, number: int):
         prompt_api = selectors.access_prompt_api(tenant=self.tenant, slug=slug)
         _may_edit(self, prompt_api, Role.ADMIN, "change the active version of")

@@ -74,11 +74,13 @@ def check_parameters(parameters: Any) -> None:
         kinds, low, high = PARAMETERS[name]
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise _invalid(f"parameters.{name} has the wrong type.", f"parameters.{name}")
-        if low is not None and value < low or high is not None and value > high:
+        if (low is not None and value < low) or (high is not None and value > high):
             span = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise _invalid(f"parameters.{name} must be {span}.", f"parameters.{name}")
-        if name == "stop" and isinstance(value, list) and (
-            len(value) > 4 or not all(isinstance(item, str) and item for item in value)
+        if (
+            name == "stop"
+            and isinstance(value, list)
+            and (len(value) > 4 or not all(isinstance(item, str) and item for item in value))
         ):
             raise _invalid("parameters.stop takes up to 4 non-empty strings.", "parameters.stop")
 
@@ -113,8 +115,9 @@ def check_version_definition(
         raise _invalid("output_type must be 'text' or 'json'.", "output_type")
     if output_schema is not None:
         if output_type != "json":
-            raise _invalid("output_schema applies only when output_type is 'json'.",
-                           "output_schema")
+            raise _invalid(
+                "output_schema applies only when output_type is 'json'.", "output_schema"
+            )
         check_json_schema(output_schema, "output_schema")
     check_parameters(parameters)
 

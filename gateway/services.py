@@ -19,11 +19,25 @@ from . import prompts
 from .models import ModelDeployment, PromptApi, PromptApiVersion
 
 DEPLOYMENT_FIELDS = (
-    "slug", "name", "description", "task", "backend", "backend_config", "capacity",
-    "max_batch_size", "max_wait_ms", "default_deadline_s", "enabled",
+    "slug",
+    "name",
+    "description",
+    "task",
+    "backend",
+    "backend_config",
+    "capacity",
+    "max_batch_size",
+    "max_wait_ms",
+    "default_deadline_s",
+    "enabled",
 )
 VERSION_FIELDS = (
-    "messages", "input_schema", "output_type", "output_schema", "deployment", "parameters",
+    "messages",
+    "input_schema",
+    "output_type",
+    "output_schema",
+    "deployment",
+    "parameters",
     "changelog",
 )
 PROMPT_TASKS = (ModelDeployment.Task.CHAT, ModelDeployment.Task.COMPLETION)
@@ -37,7 +51,8 @@ def _full_clean(instance, exclude: list[str] | None = None) -> None:
         field, messages = next(iter(exc.message_dict.items()))
         param = None if field == "__all__" else field
         raise errors.SluiceError(
-            errors.INVALID_REQUEST, f"{param}: {messages[0]}" if param else messages[0],
+            errors.INVALID_REQUEST,
+            f"{param}: {messages[0]}" if param else messages[0],
             param=param,
         ) from None
 
@@ -58,7 +73,9 @@ def deployment_create(*, actor: Actor, **fields: Any) -> ModelDeployment:
     _full_clean(deployment)
     deployment.save()
     audit_record(
-        actor=actor, action="deployment.create", target=deployment,
+        actor=actor,
+        action="deployment.create",
+        target=deployment,
         after={name: getattr(deployment, name) for name in DEPLOYMENT_FIELDS},
     )
     publish_invalidation_on_commit("deployment", deployment.slug)
@@ -86,7 +103,10 @@ def deployment_update(
     _full_clean(deployment, exclude=["slug"])
     deployment.save(update_fields=[*changes, "updated_at"])
     audit_record(
-        actor=actor, action="deployment.update", target=deployment, before=before,
+        actor=actor,
+        action="deployment.update",
+        target=deployment,
+        before=before,
         after={name: getattr(deployment, name) for name in changes},
     )
     publish_invalidation_on_commit("deployment", deployment.slug)
@@ -111,13 +131,20 @@ def prompt_api_create(
             errors.CONFLICT, f"The prompt-API slug '{slug}' is taken.", param="slug"
         )
     prompt_api = PromptApi(
-        tenant=tenant, slug=slug, name=name, description=description, visibility=visibility,
+        tenant=tenant,
+        slug=slug,
+        name=name,
+        description=description,
+        visibility=visibility,
         created_by=actor.user if actor.user and actor.user.pk else None,
     )
     _full_clean(prompt_api, exclude=["active_version", "created_by", "tenant"])
     prompt_api.save()
     audit_record(
-        actor=actor, action="prompt_api.create", target=prompt_api, tenant=tenant,
+        actor=actor,
+        action="prompt_api.create",
+        target=prompt_api,
+        tenant=tenant,
         after={"slug": slug, "name": name, "visibility": visibility},
     )
     return prompt_api
@@ -159,8 +186,11 @@ def prompt_api_version_create(
         **fields,
     )
     audit_record(
-        actor=actor, action="prompt_api.version_create", target=version,
-        tenant=prompt_api.tenant, after={"number": number, "deployment": version.deployment},
+        actor=actor,
+        action="prompt_api.version_create",
+        target=version,
+        tenant=prompt_api.tenant,
+        after={"number": number, "deployment": version.deployment},
     )
     return version
 
@@ -185,8 +215,12 @@ def prompt_api_version_update(
         setattr(version, name, value)
     version.save(update_fields=list(changes))
     audit_record(
-        actor=actor, action="prompt_api.version_update", target=version,
-        tenant=version.prompt_api.tenant, before=before, after=changes,
+        actor=actor,
+        action="prompt_api.version_update",
+        target=version,
+        tenant=version.prompt_api.tenant,
+        before=before,
+        after=changes,
     )
     return version
 
@@ -202,9 +236,12 @@ def prompt_api_version_publish(*, version: PromptApiVersion, actor: Actor) -> Pr
     if version.is_published:
         raise errors.SluiceError(errors.VERSION_PUBLISHED, f"{version} is already published.")
     prompt_api = version.prompt_api
-    if prompt_api.tenant_id is not None and not Subscription.objects.filter(
-        tenant_id=prompt_api.tenant_id, deployment=version.deployment, revoked_at__isnull=True
-    ).exists():
+    if (
+        prompt_api.tenant_id is not None
+        and not Subscription.objects.filter(
+            tenant_id=prompt_api.tenant_id, deployment=version.deployment, revoked_at__isnull=True
+        ).exists()
+    ):
         raise errors.SluiceError(
             errors.ACCESS_NOT_APPROVED,
             f"Tenant '{prompt_api.tenant.slug}' has no approved subscription to deployment "
@@ -219,8 +256,11 @@ def prompt_api_version_publish(*, version: PromptApiVersion, actor: Actor) -> Pr
     prompt_api.active_version = version
     prompt_api.save(update_fields=["active_version"])
     audit_record(
-        actor=actor, action="prompt_api.version_publish", target=version,
-        tenant=prompt_api.tenant, before={"active_version": previous},
+        actor=actor,
+        action="prompt_api.version_publish",
+        target=version,
+        tenant=prompt_api.tenant,
+        before={"active_version": previous},
         after={"active_version": version.pk, "number": version.number},
     )
     publish_invalidation_on_commit("prompt_api", prompt_api.slug)
@@ -228,9 +268,7 @@ def prompt_api_version_publish(*, version: PromptApiVersion, actor: Actor) -> Pr
 
 
 @transaction.atomic
-def prompt_api_activate_version(
-    *, version: PromptApiVersion, actor: Actor
-) -> PromptApi:
+def prompt_api_activate_version(*, version: PromptApiVersion, actor: Actor) -> PromptApi:
     """Serve an older published version again (a rollback)."""
     if not version.is_published:
         raise errors.SluiceError(
@@ -241,8 +279,11 @@ def prompt_api_activate_version(
     prompt_api.active_version = version
     prompt_api.save(update_fields=["active_version"])
     audit_record(
-        actor=actor, action="prompt_api.activate_version", target=prompt_api,
-        tenant=prompt_api.tenant, before={"active_version": previous},
+        actor=actor,
+        action="prompt_api.activate_version",
+        target=prompt_api,
+        tenant=prompt_api.tenant,
+        before={"active_version": previous},
         after={"active_version": version.pk},
     )
     publish_invalidation_on_commit("prompt_api", prompt_api.slug)

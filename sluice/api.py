@@ -54,7 +54,9 @@ class ApiKeyScopes(permissions.BasePermission):
         key = getattr(request, "auth", None)
         if key is None or not hasattr(key, "scopes"):
             return True
-        needed = Scope.MANAGE_READ if request.method in permissions.SAFE_METHODS else Scope.MANAGE_WRITE
+        needed = (
+            Scope.MANAGE_READ if request.method in permissions.SAFE_METHODS else Scope.MANAGE_WRITE
+        )
         if needed == Scope.MANAGE_READ and key.has_scope(Scope.MANAGE_WRITE):
             return True
         if not key.has_scope(needed):

@@ -183,7 +183,11 @@ class _EmbeddedRedis:
             if self._is_up():
                 return
             time.sleep(0.02)
-        log = (self.dir / "redis.log").read_text()[-2000:] if (self.dir / "redis.log").exists() else ""
+        log = (
+            (self.dir / "redis.log").read_text()[-2000:]
+            if (self.dir / "redis.log").exists()
+            else ""
+        )
         raise EmbeddedServiceError(f"embedded redis-server did not start; its log ends:\n{log}")
 
     def acquire(self) -> str:

@@ -255,8 +255,11 @@ def to_sluice_error(exc: Exception) -> SluiceError | None:
     if isinstance(exc, SluiceError):
         return exc
     if isinstance(exc, Ratelimited):
-        return SluiceError(RATE_LIMITED, "Too many attempts; wait a minute and try again.",
-                           headers={"Retry-After": "60"})
+        return SluiceError(
+            RATE_LIMITED,
+            "Too many attempts; wait a minute and try again.",
+            headers={"Retry-After": "60"},
+        )
     if isinstance(exc, Http404):
         return SluiceError(NOT_FOUND)
     if isinstance(exc, RequestDataTooBig):
@@ -286,6 +289,12 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     )
     for name, value in error_headers(error.error, error.headers).items():
         response[name] = value
+    auth_header = getattr(exc, "auth_header", None)
+    if auth_header:
+        response["WWW-Authenticate"] = auth_header
+    from rest_framework.views import set_rollback  # here: rest_framework.views imports us
+
+    set_rollback()
     return response
 
 

@@ -93,7 +93,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Redis: cache, Channels layer, Dramatiq broker ------------------------------------------
 REDIS_URL = envstr("REDIS_URL") or embedded.redis_url(SLUICE_HOME)
 if urlsplit(REDIS_URL).scheme not in {"redis", "rediss", "unix"}:
-    raise ImproperlyConfigured(f"REDIS_URL must be redis://, rediss:// or unix://, not {REDIS_URL!r}")
+    raise ImproperlyConfigured(
+        f"REDIS_URL must be redis://, rediss:// or unix://, not {REDIS_URL!r}"
+    )
 # Every key Sluice writes starts with this prefix, so several Sluice installations (or a
 # test run beside a demo) can share one Redis without touching each other's keys.
 REDIS_PREFIX = envstr("SLUICE_REDIS_PREFIX", "sluice")
@@ -175,6 +177,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BODY_BYTES
 
 # --- Static files, i18n ------------------------------------------------------------------
 STATIC_URL = "static/"
+# The web process serves /static/ itself; turn off behind a proxy or CDN that serves the
+# output of `manage.py collectstatic` (written to STATIC_ROOT).
+SERVE_STATIC = envbool("SLUICE_SERVE_STATIC", True)
 STATIC_ROOT = SLUICE_HOME / "static"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 LANGUAGE_CODE = "en-us"

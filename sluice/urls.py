@@ -11,6 +11,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from analytics import api as analytics_api
 from gateway import api as gateway_api
 from sluice import errors
+from sluice.health import healthz
 from sluice.middleware import is_api_path
 from tenants import api as tenants_api
 
@@ -79,6 +80,7 @@ api_patterns = [
 ]
 
 urlpatterns = [
+    path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),
     path("api/", include((api_patterns, "api"))),
     path("", include("tenants.console.urls")),

@@ -124,7 +124,7 @@ class TenantView(ManagementView):
 
 
 class ApiKeyListView(ManagementView):
-    class InputSerializer(StrictSerializer):
+    class KeyInput(StrictSerializer):
         name = serializers.CharField(max_length=100)
         scopes = serializers.ListField(
             child=serializers.ChoiceField(choices=Scope.choices),
@@ -140,14 +140,16 @@ class ApiKeyListView(ManagementView):
 
     @extend_schema(
         summary="Issue an API key (the raw key is in this response only)",
-        request=InputSerializer,
+        request=KeyInput,
         responses={201: ApiKeyCreatedOut},
     )
     def post(self, request):
         policy.require_role(self.actor, self.tenant, Role.MEMBER, "issue API keys")
-        data = self.InputSerializer(data=request.data)
+        data = self.KeyInput(data=request.data)
         data.is_valid(raise_exception=True)
-        key, raw = services.api_key_issue(tenant=self.tenant, actor=self.actor, **data.validated_data)
+        key, raw = services.api_key_issue(
+            tenant=self.tenant, actor=self.actor, **data.validated_data
+        )
         return Response(_created(key, raw), status=status.HTTP_201_CREATED)
 
 
@@ -173,8 +175,11 @@ def _require_key_control(view: ManagementView, key) -> None:
 
 
 class ApiKeyRevokeView(ManagementView):
-    @extend_schema(summary="Revoke an API key (refused everywhere within seconds)",
-                   request=None, responses=ApiKeyOut)
+    @extend_schema(
+        summary="Revoke an API key (refused everywhere within seconds)",
+        request=None,
+        responses=ApiKeyOut,
+    )
     def post(self, request, key_id: int):
         key = selectors.access_api_key(tenant=self.tenant, key_id=key_id)
         _require_key_control(self, key)
@@ -200,16 +205,18 @@ class ApiKeyRotateView(ManagementView):
 class AccessRequestListView(ManagementView):
     tenant_required = False  # staff without a tenant see every tenant's queue
 
-    class InputSerializer(StrictSerializer):
+    class AccessRequestInput(StrictSerializer):
         kind = serializers.ChoiceField(choices=AccessRequest.Kind.choices)
         deployment = serializers.CharField(required=False, help_text="Deployment slug.")
         prompt_api = serializers.CharField(required=False, help_text="Prompt-API slug.")
         version = serializers.IntegerField(
-            required=False, min_value=1,
+            required=False,
+            min_value=1,
             help_text="For publish_version: the version number of `prompt_api`.",
         )
         quota = serializers.DictField(
-            child=serializers.IntegerField(min_value=1), required=False,
+            child=serializers.IntegerField(min_value=1),
+            required=False,
             help_text=f"For raise_quota: any of {', '.join(QUOTA_FIELDS)}.",
         )
         justification = serializers.CharField(required=False, allow_blank=True, max_length=2000)
@@ -236,24 +243,28 @@ class AccessRequestListView(ManagementView):
 
     @extend_schema(
         summary="Request access to a deployment or prompt-API, a higher quota, or publication",
-        request=InputSerializer,
+        request=AccessRequestInput,
         responses={201: AccessRequestOut},
     )
     def post(self, request):
         if self.tenant is None:
             raise errors.SluiceError(
-                errors.INVALID_REQUEST, "Name the tenant the request is for (?tenant=<slug>).",
+                errors.INVALID_REQUEST,
+                "Name the tenant the request is for (?tenant=<slug>).",
                 param="tenant",
             )
         policy.require_role(self.actor, self.tenant, Role.MEMBER, "request access")
-        data = self.InputSerializer(data=request.data)
+        data = self.AccessRequestInput(data=request.data)
         data.is_valid(raise_exception=True)
         fields = dict(data.validated_data)
         kind = fields.pop("kind")
         target = _request_target(self, kind, fields)
         created = services.access_request_create(
-            tenant=self.tenant, kind=kind, actor=self.actor,
-            justification=fields.get("justification", ""), **target,
+            tenant=self.tenant,
+            kind=kind,
+            actor=self.actor,
+            justification=fields.get("justification", ""),
+            **target,
         )
         return Response(AccessRequestOut(created).data, status=status.HTTP_201_CREATED)
 
@@ -299,8 +310,9 @@ class _ReviewInput(StrictSerializer):
 class AccessRequestApproveView(ManagementView):
     tenant_required = False
 
-    @extend_schema(summary="Approve a pending request", request=_ReviewInput,
-                   responses=AccessRequestOut)
+    @extend_schema(
+        summary="Approve a pending request", request=_ReviewInput, responses=AccessRequestOut
+    )
     def post(self, request, request_id: int):
         found = selectors.access_access_request(tenant=self.tenant, request_id=request_id)
         data = _ReviewInput(data=request.data)
@@ -314,8 +326,9 @@ class AccessRequestApproveView(ManagementView):
 class AccessRequestRejectView(ManagementView):
     tenant_required = False
 
-    @extend_schema(summary="Reject a pending request", request=_ReviewInput,
-                   responses=AccessRequestOut)
+    @extend_schema(
+        summary="Reject a pending request", request=_ReviewInput, responses=AccessRequestOut
+    )
     def post(self, request, request_id: int):
         found = selectors.access_access_request(tenant=self.tenant, request_id=request_id)
         data = _ReviewInput(data=request.data)
@@ -327,13 +340,15 @@ class AccessRequestRejectView(ManagementView):
 
 
 class AccessRequestWithdrawView(ManagementView):
-    @extend_schema(summary="Withdraw your own pending request", request=None,
-                   responses=AccessRequestOut)
+    @extend_schema(
+        summary="Withdraw your own pending request", request=None, responses=AccessRequestOut
+    )
     def post(self, request, request_id: int):
         found = selectors.access_access_request(tenant=self.tenant, request_id=request_id)
         return Response(
-            AccessRequestOut(services.access_request_withdraw(access_request=found,
-                                                              actor=self.actor)).data
+            AccessRequestOut(
+                services.access_request_withdraw(access_request=found, actor=self.actor)
+            ).data
         )
 
 
@@ -341,8 +356,10 @@ class AccessRequestWithdrawView(ManagementView):
 
 
 class SubscriptionListView(ManagementView):
-    @extend_schema(summary="The deployments and prompt-APIs this tenant may call",
-                   responses=SubscriptionOut(many=True))
+    @extend_schema(
+        summary="The deployments and prompt-APIs this tenant may call",
+        responses=SubscriptionOut(many=True),
+    )
     def get(self, request):
         policy.require_role(self.actor, self.tenant, Role.VIEWER, "list subscriptions")
         return self.paginated(selectors.subscriptions_of(self.tenant), SubscriptionOut)
@@ -352,7 +369,7 @@ class SubscriptionListView(ManagementView):
 
 
 class MemberListView(ManagementView):
-    class InputSerializer(StrictSerializer):
+    class InviteInput(StrictSerializer):
         email = serializers.EmailField()
         role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
 
@@ -363,12 +380,12 @@ class MemberListView(ManagementView):
 
     @extend_schema(
         summary="Invite someone by e-mail (an account is created if they have none)",
-        request=InputSerializer,
+        request=InviteInput,
         responses={201: MemberOut},
     )
     def post(self, request):
         policy.require_role(self.actor, self.tenant, Role.ADMIN, "invite members")
-        data = self.InputSerializer(data=request.data)
+        data = self.InviteInput(data=request.data)
         data.is_valid(raise_exception=True)
         membership, _ = services.member_invite(
             tenant=self.tenant, actor=self.actor, **data.validated_data
@@ -377,7 +394,7 @@ class MemberListView(ManagementView):
 
 
 class MemberDetailView(ManagementView):
-    class InputSerializer(StrictSerializer):
+    class RoleInput(StrictSerializer):
         role = serializers.ChoiceField(choices=Role.choices)
 
     @extend_schema(summary="One member", responses=MemberOut)
@@ -386,11 +403,11 @@ class MemberDetailView(ManagementView):
         found = selectors.access_membership(tenant=self.tenant, membership_id=membership_id)
         return Response(MemberOut(found).data)
 
-    @extend_schema(summary="Change a member's role", request=InputSerializer, responses=MemberOut)
+    @extend_schema(summary="Change a member's role", request=RoleInput, responses=MemberOut)
     def patch(self, request, membership_id: int):
         found = selectors.access_membership(tenant=self.tenant, membership_id=membership_id)
         policy.require_role(self.actor, self.tenant, Role.ADMIN, "change roles")
-        data = self.InputSerializer(data=request.data)
+        data = self.RoleInput(data=request.data)
         data.is_valid(raise_exception=True)
         changed = services.member_change_role(
             membership=found, role=data.validated_data["role"], actor=self.actor
@@ -410,8 +427,9 @@ class MemberDetailView(ManagementView):
 
 
 class AuditEventListView(ManagementView):
-    @extend_schema(summary="The tenant's audit trail (admins and owners)",
-                   responses=AuditEventOut(many=True))
+    @extend_schema(
+        summary="The tenant's audit trail (admins and owners)", responses=AuditEventOut(many=True)
+    )
     def get(self, request):
         policy.require_role(self.actor, self.tenant, Role.ADMIN, "read the audit trail")
         return self.paginated(selectors.audit_events_for(self.tenant), AuditEventOut)

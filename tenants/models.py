@@ -76,7 +76,12 @@ class Limits:
     fair_share_weight: int
 
 
-QUOTA_FIELDS = ("requests_per_minute", "tokens_per_minute", "monthly_token_budget", "max_tokens_cap")
+QUOTA_FIELDS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "monthly_token_budget",
+    "max_tokens_cap",
+)
 
 
 class Tenant(models.Model):

@@ -27,7 +27,11 @@ def access_api_key(*, tenant: Tenant, key_id: int) -> ApiKey:
 def access_requests_for(tenant: Tenant | None) -> QuerySet[AccessRequest]:
     """A tenant's requests; None (staff only) means every tenant's."""
     queryset = AccessRequest.objects.select_related(
-        "tenant__plan", "requester", "reviewer", "deployment", "prompt_api",
+        "tenant__plan",
+        "requester",
+        "reviewer",
+        "deployment",
+        "prompt_api",
         "prompt_api_version__prompt_api",
     )
     return queryset if tenant is None else queryset.filter(tenant=tenant)
@@ -41,8 +45,8 @@ def access_access_request(*, tenant: Tenant | None, request_id: int) -> AccessRe
 
 
 def members_of(tenant: Tenant) -> QuerySet[Membership]:
-    return Membership.objects.filter(tenant=tenant).select_related("user").order_by(
-        "user__username"
+    return (
+        Membership.objects.filter(tenant=tenant).select_related("user").order_by("user__username")
     )
 
 

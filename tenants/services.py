@@ -97,13 +97,19 @@ def tenant_create(*, name: str, slug: str, plan: Plan, owner=None, actor: Actor)
         )
     tenant = Tenant.objects.create(name=name, slug=slug, plan=plan)
     audit_record(
-        actor=actor, action="tenant.create", target=tenant, tenant=tenant,
+        actor=actor,
+        action="tenant.create",
+        target=tenant,
+        tenant=tenant,
         after={"name": name, "slug": slug, "plan": plan.slug},
     )
     if owner is not None:
         membership = Membership.objects.create(user=owner, tenant=tenant, role=Role.OWNER)
         audit_record(
-            actor=actor, action="member.add", target=membership, tenant=tenant,
+            actor=actor,
+            action="member.add",
+            target=membership,
+            tenant=tenant,
             after={"user": owner.get_username(), "role": Role.OWNER},
         )
     return tenant
@@ -119,8 +125,12 @@ def tenant_suspend(*, tenant: Tenant, reason: str = "", actor: Actor) -> Tenant:
     tenant.suspended_reason = reason[:200]
     tenant.save(update_fields=["status", "suspended_reason"])
     audit_record(
-        actor=actor, action="tenant.suspend", target=tenant, tenant=tenant,
-        before={"status": "active"}, after={"status": "suspended", "reason": reason},
+        actor=actor,
+        action="tenant.suspend",
+        target=tenant,
+        tenant=tenant,
+        before={"status": "active"},
+        after={"status": "suspended", "reason": reason},
     )
     publish_invalidation_on_commit("tenant", tenant.pk)
     return tenant
@@ -135,8 +145,12 @@ def tenant_reactivate(*, tenant: Tenant, actor: Actor) -> Tenant:
     tenant.suspended_reason = ""
     tenant.save(update_fields=["status", "suspended_reason"])
     audit_record(
-        actor=actor, action="tenant.reactivate", target=tenant, tenant=tenant,
-        before={"status": "suspended"}, after={"status": "active"},
+        actor=actor,
+        action="tenant.reactivate",
+        target=tenant,
+        tenant=tenant,
+        before={"status": "suspended"},
+        after={"status": "active"},
     )
     publish_invalidation_on_commit("tenant", tenant.pk)
     return tenant
@@ -180,7 +194,10 @@ def member_invite(
         )
     membership = Membership.objects.create(user=user, tenant=tenant, role=role)
     audit_record(
-        actor=actor, action="member.invite", target=membership, tenant=tenant,
+        actor=actor,
+        action="member.invite",
+        target=membership,
+        tenant=tenant,
         after={"email": email, "role": role, "new_account": created},
     )
     transaction.on_commit(lambda: _send_invitation(membership, actor, new_account=created))
@@ -227,8 +244,12 @@ def member_change_role(*, membership: Membership, role: str, actor: Actor) -> Me
     membership.role = role
     membership.save(update_fields=["role"])
     audit_record(
-        actor=actor, action="member.change_role", target=membership, tenant=membership.tenant,
-        before={"role": before}, after={"role": role},
+        actor=actor,
+        action="member.change_role",
+        target=membership,
+        tenant=membership.tenant,
+        before={"role": before},
+        after={"role": role},
     )
     return membership
 
@@ -242,7 +263,10 @@ def member_remove(*, membership: Membership, actor: Actor) -> None:
             errors.CONFLICT, "The last owner cannot be removed; the tenant would be orphaned."
         )
     audit_record(
-        actor=actor, action="member.remove", target=membership, tenant=membership.tenant,
+        actor=actor,
+        action="member.remove",
+        target=membership,
+        tenant=membership.tenant,
         before={"user": membership.user.get_username(), "role": membership.role},
     )
     membership.delete()
@@ -295,7 +319,10 @@ def api_key_issue(
         expires_at=expires_at,
     )
     audit_record(
-        actor=actor, action="apikey.issue", target=key, tenant=tenant,
+        actor=actor,
+        action="apikey.issue",
+        target=key,
+        tenant=tenant,
         after={"name": name, "prefix": prefix, "scopes": scopes, "expires_at": expires_at},
     )
     return key, raw
@@ -309,7 +336,10 @@ def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
     key.revoked_at = timezone.now()
     key.save(update_fields=["revoked_at"])
     audit_record(
-        actor=actor, action="apikey.revoke", target=key, tenant=key.tenant,
+        actor=actor,
+        action="apikey.revoke",
+        target=key,
+        tenant=key.tenant,
         after={"revoked_at": key.revoked_at},
     )
     publish_invalidation_on_commit("apikey", key.prefix)
@@ -325,15 +355,36 @@ def api_key_rotate(*, key: ApiKey, actor: Actor) -> tuple[ApiKey, str]:
         )
     expires_at = key.expires_at if key.expires_at and key.expires_at > timezone.now() else None
     new_key, raw = api_key_issue(
-        tenant=key.tenant, name=key.name, scopes=list(key.scopes), expires_at=expires_at,
+        tenant=key.tenant,
+        name=key.name,
+        scopes=list(key.scopes),
+        expires_at=expires_at,
         actor=actor,
     )
     api_key_revoke(key=key, actor=actor)
     audit_record(
-        actor=actor, action="apikey.rotate", target=new_key, tenant=key.tenant,
-        before={"prefix": key.prefix}, after={"prefix": new_key.prefix},
+        actor=actor,
+        action="apikey.rotate",
+        target=new_key,
+        tenant=key.tenant,
+        before={"prefix": key.prefix},
+        after={"prefix": new_key.prefix},
     )
     return new_key, raw
+
+
+@transaction.atomic
+def api_key_delete(*, key: ApiKey, actor: Actor) -> None:
+    """Delete a key's row for good; a live key is revoked first so caches drop it too."""
+    api_key_revoke(key=key, actor=actor)
+    audit_record(
+        actor=actor,
+        action="apikey.delete",
+        target=key,
+        tenant=key.tenant,
+        before={"name": key.name, "prefix": key.prefix},
+    )
+    key.delete()
 
 
 # --- access requests --------------------------------------------------------------------
@@ -363,7 +414,8 @@ def _clean_quota(tenant: Tenant, quota: dict[str, Any]) -> dict[str, int]:
             )
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise errors.SluiceError(
-                errors.INVALID_REQUEST, f"{name} must be a positive integer.",
+                errors.INVALID_REQUEST,
+                f"{name} must be a positive integer.",
                 param=f"quota.{name}",
             )
         current = getattr(limits, name)
@@ -405,25 +457,26 @@ def access_request_create(
             tenant=tenant, deployment=deployment, revoked_at__isnull=True
         ).exists():
             raise errors.SluiceError(
-                errors.CONFLICT, f"{tenant.name} is already subscribed to '{deployment.slug}'.",
+                errors.CONFLICT,
+                f"{tenant.name} is already subscribed to '{deployment.slug}'.",
                 param="deployment",
             )
         target = {"deployment": deployment}
     elif kind == Kind.SUBSCRIBE_PROMPT_API:
         if prompt_api is None or not policy.prompt_api_visible_to(prompt_api, tenant):
-            raise errors.SluiceError(
-                errors.NOT_FOUND, "No such prompt-API.", param="prompt_api"
-            )
+            raise errors.SluiceError(errors.NOT_FOUND, "No such prompt-API.", param="prompt_api")
         if prompt_api.tenant_id == tenant.pk:
             raise errors.SluiceError(
-                errors.CONFLICT, "Your tenant owns this prompt-API and may call it already.",
+                errors.CONFLICT,
+                "Your tenant owns this prompt-API and may call it already.",
                 param="prompt_api",
             )
         if Subscription.objects.filter(
             tenant=tenant, prompt_api=prompt_api, revoked_at__isnull=True
         ).exists():
             raise errors.SluiceError(
-                errors.CONFLICT, f"{tenant.name} is already subscribed to '{prompt_api.slug}'.",
+                errors.CONFLICT,
+                f"{tenant.name} is already subscribed to '{prompt_api.slug}'.",
                 param="prompt_api",
             )
         target = {"prompt_api": prompt_api}
@@ -436,19 +489,19 @@ def access_request_create(
             )
         if prompt_api_version.is_published:
             raise errors.SluiceError(
-                errors.VERSION_PUBLISHED, f"{prompt_api_version} is already published.",
+                errors.VERSION_PUBLISHED,
+                f"{prompt_api_version} is already published.",
                 param="prompt_api_version",
             )
         target = {"prompt_api_version": prompt_api_version}
     else:
         raise errors.SluiceError(
             errors.INVALID_REQUEST,
-            f"Unknown kind {kind!r}; choose from {', '.join(Kind.values)}.", param="kind",
+            f"Unknown kind {kind!r}; choose from {', '.join(Kind.values)}.",
+            param="kind",
         )
     if target and _pending_duplicate(tenant, kind, **target):
-        raise errors.SluiceError(
-            errors.CONFLICT, "An identical request is already pending review."
-        )
+        raise errors.SluiceError(errors.CONFLICT, "An identical request is already pending review.")
     access_request = AccessRequest.objects.create(
         tenant=tenant,
         kind=kind,
@@ -458,7 +511,10 @@ def access_request_create(
         **target,
     )
     audit_record(
-        actor=actor, action="access_request.create", target=access_request, tenant=tenant,
+        actor=actor,
+        action="access_request.create",
+        target=access_request,
+        tenant=tenant,
         after={"kind": kind, "target": access_request.target_label, "state": "pending"},
     )
     if policy.may_decide_own_request(actor, access_request):
@@ -486,9 +542,7 @@ def _illegal(access_request: AccessRequest, verb: str) -> errors.SluiceError:
     )
 
 
-def _decide(
-    *, access_request: AccessRequest, state: str, note: str, actor: Actor
-) -> AccessRequest:
+def _decide(*, access_request: AccessRequest, state: str, note: str, actor: Actor) -> AccessRequest:
     before = access_request.state
     access_request.state = state
     access_request.reviewer = actor.user if actor.user and actor.user.pk else None
@@ -496,9 +550,12 @@ def _decide(
     access_request.decided_at = timezone.now()
     access_request.save(update_fields=["state", "reviewer", "review_note", "decided_at"])
     audit_record(
-        actor=actor, action=f"access_request.{'approve' if state == 'approved' else 'reject'}",
-        target=access_request, tenant=access_request.tenant,
-        before={"state": before}, after={"state": state, "note": note},
+        actor=actor,
+        action=f"access_request.{'approve' if state == 'approved' else 'reject'}",
+        target=access_request,
+        tenant=access_request.tenant,
+        before={"state": before},
+        after={"state": state, "note": note},
     )
     if state == AccessRequest.State.APPROVED:
         _apply(access_request, actor)
@@ -526,7 +583,10 @@ def _apply(access_request: AccessRequest, actor: Actor) -> None:
             except IntegrityError:  # approved twice at once elsewhere: one subscription
                 return
             audit_record(
-                actor=actor, action="subscription.create", target=subscription, tenant=tenant,
+                actor=actor,
+                action="subscription.create",
+                target=subscription,
+                tenant=tenant,
                 after={"target": str(subscription.target)},
             )
             publish_invalidation_on_commit("subscription", tenant.pk)
@@ -537,8 +597,12 @@ def _apply(access_request: AccessRequest, actor: Actor) -> None:
             setattr(override, name, value)
         override.save(update_fields=[*access_request.quota, "updated_at"])
         audit_record(
-            actor=actor, action="quota.raise", target=override, tenant=tenant,
-            before=before, after=dict(access_request.quota),
+            actor=actor,
+            action="quota.raise",
+            target=override,
+            tenant=tenant,
+            before=before,
+            after=dict(access_request.quota),
         )
         publish_invalidation_on_commit("tenant", tenant.pk)
     elif access_request.kind == Kind.PUBLISH_VERSION:
@@ -591,8 +655,12 @@ def access_request_withdraw(*, access_request: AccessRequest, actor: Actor) -> A
     access_request.decided_at = timezone.now()
     access_request.save(update_fields=["state", "decided_at"])
     audit_record(
-        actor=actor, action="access_request.withdraw", target=access_request,
-        tenant=access_request.tenant, before={"state": "pending"}, after={"state": "withdrawn"},
+        actor=actor,
+        action="access_request.withdraw",
+        target=access_request,
+        tenant=access_request.tenant,
+        before={"state": "pending"},
+        after={"state": "withdrawn"},
     )
     return access_request
 
@@ -605,8 +673,11 @@ def subscription_revoke(*, subscription: Subscription, actor: Actor) -> Subscrip
     subscription.revoked_at = timezone.now()
     subscription.save(update_fields=["revoked_at"])
     audit_record(
-        actor=actor, action="subscription.revoke", target=subscription,
-        tenant=subscription.tenant, after={"revoked_at": subscription.revoked_at},
+        actor=actor,
+        action="subscription.revoke",
+        target=subscription,
+        tenant=subscription.tenant,
+        after={"revoked_at": subscription.revoked_at},
     )
     publish_invalidation_on_commit("subscription", subscription.tenant_id)
     return subscription

@@ -32,6 +32,12 @@ def _redis_namespace():
     clean()
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    # PBKDF2's deliberate slowness is a cost per user created; tests create many.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def plan(db) -> Plan:
     return Plan.objects.create(
@@ -49,7 +55,9 @@ def plan(db) -> Plan:
 def django_user(django_user_model):
     def make(username: str, **extra):
         return django_user_model.objects.create_user(
-            username=username, email=f"{username}@example.com", password="correct horse battery",
+            username=username,
+            email=f"{username}@example.com",
+            password="correct horse battery",
             **extra,
         )
 
@@ -83,8 +91,9 @@ def root(django_user):
 
 @pytest.fixture
 def alpha(plan, alice, bob, vera):
-    tenant = services.tenant_create(name="Alpha", slug="alpha", plan=plan, owner=alice,
-                                    actor=SYSTEM)
+    tenant = services.tenant_create(
+        name="Alpha", slug="alpha", plan=plan, owner=alice, actor=SYSTEM
+    )
     Membership.objects.create(user=bob, tenant=tenant, role=Role.MEMBER)
     Membership.objects.create(user=vera, tenant=tenant, role=Role.VIEWER)
     return tenant
@@ -92,8 +101,7 @@ def alpha(plan, alice, bob, vera):
 
 @pytest.fixture
 def beta(plan, charlie):
-    return services.tenant_create(name="Beta", slug="beta", plan=plan, owner=charlie,
-                                  actor=SYSTEM)
+    return services.tenant_create(name="Beta", slug="beta", plan=plan, owner=charlie, actor=SYSTEM)
 
 
 @pytest.fixture

@@ -1,0 +1,173 @@
+"""Bad input on every write endpoint gets a clear 4xx in the error shape, never a 500."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import override_settings
+
+from gateway import services as gateway_services
+from tenants import services
+from tenants.models import AccessRequest, ApiKey, Membership
+from tests.conftest import actor
+from tests.support import assert_error
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def world(alpha, alice, bob, root, chat_deployment):
+    pending = services.access_request_create(
+        tenant=alpha, kind="raise_quota", quota={"max_tokens_cap": 4096}, actor=actor(bob)
+    )
+    services.access_request_create(
+        tenant=alpha, kind="subscribe_deployment", deployment=chat_deployment, actor=actor(alice)
+    )
+    prompt_api = gateway_services.prompt_api_create(
+        tenant=alpha, slug="tr", name="Tr", actor=actor(alice)
+    )
+    gateway_services.prompt_api_version_create(
+        prompt_api=prompt_api,
+        actor=actor(alice),
+        deployment=chat_deployment,
+        messages=[{"role": "user", "content": "hi"}],
+        input_schema={"type": "object"},
+    )
+    return {
+        "request": pending.pk,
+        "member": Membership.objects.get(user=bob).pk,
+        "deployment": chat_deployment.slug,
+    }
+
+
+# (method, url, who, a body with a wrong type, fields that are required on create)
+WRITES = [
+    ("post", "/api/keys/", "alice", {"name": {"nested": True}}, ["name"]),
+    ("post", "/api/access-requests/", "alice", {"kind": 7}, ["kind"]),
+    ("post", "/api/access-requests/{request}/reject/", "root", {"note": ["x"]}, []),
+    ("post", "/api/access-requests/{request}/approve/", "root", {"note": {"x": 1}}, []),
+    ("post", "/api/members/", "alice", {"email": 42}, ["email"]),
+    ("patch", "/api/members/{member}/", "alice", {"role": 3.5}, []),
+    (
+        "post",
+        "/api/deployments/",
+        "root",
+        {"slug": "x", "name": "x", "task": "chat", "backend": "a.B", "capacity": "lots"},
+        ["slug", "name", "task", "backend"],
+    ),
+    ("patch", "/api/deployments/{deployment}/", "root", {"enabled": "maybe"}, []),
+    (
+        "post",
+        "/api/prompt-apis/",
+        "alice",
+        {"slug": "ok", "name": "ok", "visibility": 1},
+        ["slug", "name"],
+    ),
+    (
+        "post",
+        "/api/prompt-apis/tr/versions/",
+        "alice",
+        {"messages": "hello", "input_schema": {"type": "object"}, "deployment": "x"},
+        ["messages", "input_schema", "deployment"],
+    ),
+    ("patch", "/api/prompt-apis/tr/versions/1/", "alice", {"input_schema": "not an object"}, []),
+]
+
+
+def call(api, users, world, method, url, who, data, content_type="application/json"):
+    client = api.as_user(users[who])
+    return getattr(client, method)(url.format(**world), data, content_type=content_type)
+
+
+@pytest.fixture
+def users(alice, root):
+    return {"alice": alice, "root": root}
+
+
+@pytest.mark.parametrize(("method", "url", "who", "wrong", "required"), WRITES)
+class TestEveryWriteEndpoint:
+    def test_malformed_json_is_a_400(self, api, users, world, method, url, who, wrong, required):
+        response = call(api, users, world, method, url, who, '{"name": "unterminated')
+        assert "not valid JSON" in assert_error(response, 400, "invalid_json")["message"]
+
+    def test_a_body_that_is_not_an_object_is_a_400(
+        self, api, users, world, method, url, who, wrong, required
+    ):
+        assert_error(call(api, users, world, method, url, who, "[1, 2, 3]"), 400)
+
+    def test_wrong_types_are_a_400_naming_the_field(
+        self, api, users, world, method, url, who, wrong, required
+    ):
+        error = assert_error(call(api, users, world, method, url, who, json.dumps(wrong)), 400)
+        assert error["param"] in wrong, error
+
+    def test_unknown_fields_are_refused(self, api, users, world, method, url, who, wrong, required):
+        error = assert_error(
+            call(api, users, world, method, url, who, json.dumps({"colour": "blue"})),
+            400,
+            "unknown_field",
+        )
+        assert error["param"] == "colour"
+        assert "Unknown field" in error["message"]
+
+    def test_missing_required_fields_are_named(
+        self, api, users, world, method, url, who, wrong, required
+    ):
+        if not required:
+            pytest.skip("nothing is required here")
+        error = assert_error(
+            call(api, users, world, method, url, who, "{}"), 400, "invalid_request"
+        )
+        assert error["param"] in required
+
+    def test_an_oversize_body_is_a_413(self, api, users, world, method, url, who, wrong, required):
+        body = json.dumps({"name": "x" * 2_000_000})
+        error = assert_error(
+            call(api, users, world, method, url, who, body), 413, "request_too_large"
+        )
+        assert "limit" in error["message"]
+
+    def test_a_form_body_is_a_415(self, api, users, world, method, url, who, wrong, required):
+        response = call(
+            api,
+            users,
+            world,
+            method,
+            url,
+            who,
+            "name=x",
+            content_type="application/x-www-form-urlencoded",
+        )
+        assert_error(response, 415, "unsupported_media_type")
+
+
+def test_nothing_was_created_by_all_that(api, users, world):
+    for method, url, who, wrong, _ in WRITES:
+        call(api, users, world, method, url, who, json.dumps(wrong))
+    assert ApiKey.objects.count() == 0
+    assert AccessRequest.objects.count() == 2
+    assert AccessRequest.objects.get(pk=world["request"]).state == "pending"
+
+
+def test_an_unknown_api_path_is_a_json_404(api, alice):
+    assert_error(api.as_user(alice).get("/api/nothing-here/"), 404, "not_found")
+
+
+def test_a_wrong_method_is_a_405(api, alpha, alice):
+    assert_error(api.as_user(alice).delete("/api/keys/"), 405, "method_not_allowed")
+
+
+@override_settings(DEBUG=False)
+def test_an_unexpected_exception_is_a_json_500_with_the_request_id(api, alpha, alice, monkeypatch):
+    from tenants import selectors
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(selectors, "api_keys_for", explode)
+    api.raise_request_exception = False
+    response = api.as_user(alice).get("/api/keys/")
+    error = assert_error(response, 500, "internal_error")
+    assert "boom" not in response.content.decode()
+    assert "request_id" in error["message"]
