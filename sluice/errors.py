@@ -48,6 +48,12 @@ def _code(code: str, status: int, type_: str, message: str, retryable: bool | No
 INVALID_REQUEST = _code("invalid_request", 400, "invalid_request_error", "The request is invalid.")
 INVALID_JSON = _code("invalid_json", 400, "invalid_request_error", "The body is not valid JSON.")
 UNKNOWN_FIELD = _code("unknown_field", 400, "invalid_request_error", "Unknown field.")
+UNSUPPORTED_PARAMETER = _code(
+    "unsupported_parameter", 400, "invalid_request_error", "This parameter is not supported."
+)
+CONTEXT_LENGTH_EXCEEDED = _code(
+    "context_length_exceeded", 400, "invalid_request_error", "The input is too long."
+)
 INVALID_SCHEMA = _code(
     "invalid_schema", 400, "invalid_request_error", "The JSON Schema is itself invalid."
 )
@@ -113,6 +119,18 @@ UNSUPPORTED_MEDIA_TYPE = _code(
 RATE_LIMITED = _code("rate_limited", 429, "rate_limit_error", "Rate limit exceeded.")
 QUOTA_EXCEEDED = _code("quota_exceeded", 429, "insufficient_quota", "Token quota exceeded.")
 INTERNAL_ERROR = _code("internal_error", 500, "server_error", "Internal server error.")
+WORKER_ERROR = _code(
+    "worker_error", 500, "server_error", "The model worker failed on this request."
+)
+INVALID_MODEL_OUTPUT = _code(
+    "invalid_model_output",
+    502,
+    "server_error",
+    "The model's answer did not match the prompt-API's output schema.",
+)
+BROKER_UNAVAILABLE = _code(
+    "broker_unavailable", 503, "server_error", "The work queue cannot be reached; retry later."
+)
 QUEUE_FULL = _code(
     "queue_full", 503, "server_overloaded", "The deployment is at capacity; retry later."
 )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
+import weakref
 
 import redis
+import redis.asyncio
 from django.conf import settings
 from django.db import transaction
 
@@ -17,6 +20,29 @@ logger = logging.getLogger(__name__)
 def get_redis() -> redis.Redis:
     """A process-wide client; redis-py's pool makes it safe to share between threads."""
     return redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+
+
+_async_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def get_async_redis() -> redis.asyncio.Redis:
+    """The asyncio client of the running event loop (asyncio clients are bound to one loop).
+
+    Sized for many concurrent requests: each one waiting on its reply stream holds a
+    connection while it blocks, so the pool is large and waits instead of failing.
+    """
+    loop = asyncio.get_running_loop()
+    client = _async_clients.get(loop)
+    if client is None:
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.REDIS_URL,
+            max_connections=settings.REDIS_MAX_CONNECTIONS,
+            timeout=settings.REDIS_POOL_TIMEOUT_S,
+            health_check_interval=30,
+        )
+        client = redis.asyncio.Redis(connection_pool=pool)
+        _async_clients[loop] = client
+    return client
 
 
 def key(*parts: object) -> str:
@@ -42,5 +68,27 @@ def publish_invalidation_on_commit(kind: str, ident: object) -> None:
         except redis.RedisError:
             # The caches also expire on their own; a lost message delays, never leaks.
             logger.exception("could not publish cache invalidation %s", message)
+
+    transaction.on_commit(send)
+
+
+def set_flag_on_commit(name: str, *, ttl_s: int | None = None) -> None:
+    """After commit, set a Redis flag the admission script checks (deny lists)."""
+
+    def send() -> None:
+        try:
+            get_redis().set(name, 1, ex=ttl_s)
+        except redis.RedisError:
+            logger.exception("could not set %s", name)
+
+    transaction.on_commit(send)
+
+
+def clear_flag_on_commit(name: str) -> None:
+    def send() -> None:
+        try:
+            get_redis().delete(name)
+        except redis.RedisError:
+            logger.exception("could not clear %s", name)
 
     transaction.on_commit(send)

@@ -99,6 +99,9 @@ if urlsplit(REDIS_URL).scheme not in {"redis", "rediss", "unix"}:
 # Every key Sluice writes starts with this prefix, so several Sluice installations (or a
 # test run beside a demo) can share one Redis without touching each other's keys.
 REDIS_PREFIX = envstr("SLUICE_REDIS_PREFIX", "sluice")
+# Connections each web process may open; every request waiting on a worker holds one.
+REDIS_MAX_CONNECTIONS = envint("SLUICE_REDIS_MAX_CONNECTIONS", 2000, minimum=10)
+REDIS_POOL_TIMEOUT_S = envfloat("SLUICE_REDIS_POOL_TIMEOUT_S", 5.0, minimum=0.1)
 
 CACHES = {
     "default": {
@@ -115,6 +118,12 @@ CHANNEL_LAYERS = {
     }
 }
 DRAMATIQ_NAMESPACE = f"{REDIS_PREFIX}:dramatiq"
+# An idle Redis consumer polls with exponential backoff up to this many ms; Dramatiq's
+# default of 1000 ms adds up to a second to a request that arrives at an idle worker.
+WORKER_POLL_MS = envint("SLUICE_WORKER_POLL_MS", 10, minimum=1)
+WORKER_HEARTBEAT_TIMEOUT_MS = envint("SLUICE_WORKER_HEARTBEAT_TIMEOUT_MS", 60_000, minimum=5000)
+# Where workers keep converted model weights (the dequantised GGUF, for instance).
+MODEL_CACHE_DIR = Path(envstr("SLUICE_MODEL_CACHE", str(SLUICE_HOME / "models"))).expanduser()
 
 SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
 
@@ -196,6 +205,12 @@ SESSION_COOKIE_SECURE = envbool("SLUICE_SECURE_COOKIES", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 
 # --- Gateway defaults --------------------------------------------------------------------
+# How long a web process trusts its in-memory copy of a key, tenant or deployment when no
+# invalidation arrives (they normally arrive within milliseconds over Redis pub/sub).
+CATALOG_TTL_S = envfloat("SLUICE_CATALOG_TTL_S", 60.0, minimum=0.0)
+# Off only to measure what Sluice prevents: admission then never refuses for capacity and
+# the queues grow without bound, as in an ordinary gateway (bench/overload.py).
+ADMISSION_ENFORCE_CAPACITY = envbool("SLUICE_ENFORCE_CAPACITY", True)
 # Deadline a request gets when neither X-Request-Timeout nor its deployment sets one.
 SLUICE_DEFAULT_DEADLINE_S = envfloat("SLUICE_DEFAULT_DEADLINE_S", 60.0, minimum=0.1)
 

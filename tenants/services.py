@@ -24,7 +24,12 @@ from django.utils.encoding import force_bytes
 from django.utils.http import urlsafe_base64_encode
 
 from sluice import errors
-from sluice.redisconn import publish_invalidation_on_commit
+from sluice.redisconn import (
+    clear_flag_on_commit,
+    publish_invalidation_on_commit,
+    set_flag_on_commit,
+)
+from workers import protocol
 
 from . import policy
 from .models import (
@@ -132,6 +137,7 @@ def tenant_suspend(*, tenant: Tenant, reason: str = "", actor: Actor) -> Tenant:
         before={"status": "active"},
         after={"status": "suspended", "reason": reason},
     )
+    set_flag_on_commit(protocol.deny_tenant(tenant.pk))
     publish_invalidation_on_commit("tenant", tenant.pk)
     return tenant
 
@@ -152,6 +158,7 @@ def tenant_reactivate(*, tenant: Tenant, actor: Actor) -> Tenant:
         before={"status": "suspended"},
         after={"status": "active"},
     )
+    clear_flag_on_commit(protocol.deny_tenant(tenant.pk))
     publish_invalidation_on_commit("tenant", tenant.pk)
     return tenant
 
@@ -342,6 +349,9 @@ def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
         tenant=key.tenant,
         after={"revoked_at": key.revoked_at},
     )
+    # The admission script refuses a denied key at once, whatever any cache still holds;
+    # the flag outlives every cache's TTL.
+    set_flag_on_commit(protocol.deny_key(key.prefix), ttl_s=24 * 3600)
     publish_invalidation_on_commit("apikey", key.prefix)
     return key
 
