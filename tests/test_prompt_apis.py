@@ -187,3 +187,10 @@ class TestVisibility:
         created = api.as_user(root).post("/api/prompt-apis/", body, format="json")
         assert created.status_code == 201
         assert created.json()["owner"] is None
+
+
+def test_a_slug_that_is_a_console_page_is_reserved(api, alpha, bob):
+    response = api.as_user(bob).post(
+        "/api/prompt-apis/", {"slug": "new", "name": "New"}, format="json"
+    )
+    assert "reserved" in assert_error(response, 400, "invalid_request")["message"]

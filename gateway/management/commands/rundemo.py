@@ -45,6 +45,8 @@ class Command(BaseCommand):
                 f"Port {port} on {host} is taken. Stop what runs there or choose another port: "
                 f"make demo SLUICE_DEMO_PORT=8001"
             )
+        # Links printed and e-mailed (invitations) point at the port the demo really uses.
+        settings.SITE_URL = f"http://{host}:{port}"
         self.stdout.write("Migrating the database ...")
         call_command("migrate", interactive=False, verbosity=0)
         call_command("bootstrap_demo")
