@@ -29,6 +29,7 @@ from django.utils import timezone
 
 from sluice.redisconn import get_async_redis, invalidation_channel
 from tenants.models import ApiKey, Limits, Subscription, Tenant
+from workers.breaker import DEFAULT_FAILURE_THRESHOLD
 
 from .models import ModelDeployment, PromptApi, PromptApiVersion
 
@@ -73,11 +74,15 @@ class DeploymentEntry:
     default_deadline_s: float
     queue_name: str
     config: dict[str, Any]
+    created: int  # epoch seconds, for /v1/models
 
     @property
     def breaker_threshold(self) -> int:
+        """Consecutive upstream failures that open the circuit; 0: no upstream, no circuit."""
+        if not self.config.get("base_url"):
+            return 0
         breaker = self.config.get("breaker") or {}
-        return int(breaker.get("failure_threshold", 0)) if self.config.get("base_url") else 0
+        return int(breaker.get("failure_threshold", DEFAULT_FAILURE_THRESHOLD))
 
 
 @dataclass(frozen=True)
@@ -259,6 +264,7 @@ def _load_deployment(slug: str) -> DeploymentEntry | None:
         default_deadline_s=deployment.default_deadline_s,
         queue_name=deployment.queue_name,
         config=dict(deployment.backend_config or {}),
+        created=int(deployment.created_at.timestamp()),
     )
 
 

@@ -10,6 +10,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from analytics import api as analytics_api
 from gateway import api as gateway_api
+from gateway import v1
 from sluice import errors
 from sluice.health import healthz
 from sluice.middleware import is_api_path
@@ -79,8 +80,18 @@ api_patterns = [
     path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
 ]
 
+v1_patterns = [
+    path("chat/completions", v1.ChatCompletionsView.as_view(), name="chat-completions"),
+    path("completions", v1.CompletionsView.as_view(), name="completions"),
+    path("embeddings", v1.EmbeddingsView.as_view(), name="embeddings"),
+    path("models", v1.ModelListView.as_view(), name="models"),
+    path("models/<str:model>", v1.ModelDetailView.as_view(), name="model"),
+    path("apis/<slug:slug>", v1.PromptApiView.as_view(), name="prompt-api"),
+]
+
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
+    path("v1/", include((v1_patterns, "v1"))),
     path("admin/", admin.site.urls),
     path("api/", include((api_patterns, "api"))),
     path("", include("tenants.console.urls")),

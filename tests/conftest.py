@@ -144,3 +144,128 @@ def api():
 
 def actor(user) -> Actor:
     return Actor(user=user)
+
+
+# --- the data plane: a live gateway, real Dramatiq workers, keys and subscriptions -------
+
+
+@pytest.fixture(scope="session")
+def gateway_url():
+    """The real ASGI application under uvicorn, in a thread of this process, on a free port.
+
+    Tests that use it need committed data (transactional_db): the server's request threads
+    have database connections of their own.
+    """
+    import socket
+    import threading
+
+    import uvicorn
+
+    from sluice.asgi import application
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(application, log_level="warning", lifespan="off", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, timeout=20, what="the test gateway to start")
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def wait_until(condition, *, timeout: float = 10.0, what: str = "the condition", every=0.02):
+    """Poll `condition` until it is truthy (returning its value) or fail after `timeout`."""
+    import time
+
+    give_up = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > give_up:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture
+def clean_redis():
+    """Wipe this run's Redis keys after the test (queues, leases, budgets, reply streams)."""
+    yield
+    client = get_redis()
+    for found in client.scan_iter(match=f"{settings.REDIS_PREFIX}:*", count=1000):
+        client.delete(found)
+
+
+@pytest.fixture
+def dataplane(transactional_db, gateway_url, clean_redis):
+    """Committed data, a live gateway and a catalog that remembers nothing of other tests."""
+    from gateway.catalog import catalog
+
+    catalog.clear()
+    yield gateway_url
+    catalog.clear()
+
+
+@pytest.fixture
+def start_worker(clean_redis):
+    """start_worker(*deployments, threads=None): a real Dramatiq worker in this process."""
+    from workers.runtime import DeploymentSpec
+    from workers.service import WorkerService
+
+    started = []
+
+    def start(*deployments, threads: int | None = None):
+        service = WorkerService(
+            [DeploymentSpec.from_model(deployment) for deployment in deployments], threads=threads
+        )
+        service.start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop(timeout_ms=5000)
+
+
+@pytest.fixture
+def issue_key():
+    """issue_key(tenant, user) -> the raw key of a fresh inference key."""
+
+    def issue(tenant, user, **extra) -> str:
+        _key, raw = services.api_key_issue(
+            tenant=tenant, name="test key", actor=Actor(user=user), **extra
+        )
+        return raw
+
+    return issue
+
+
+@pytest.fixture
+def subscribe():
+    """subscribe(tenant, deployment_or_prompt_api): an approved subscription, directly."""
+    from gateway.models import PromptApi
+    from tenants.models import Subscription
+
+    def make(tenant, target):
+        field = "prompt_api" if isinstance(target, PromptApi) else "deployment"
+        return Subscription.objects.create(tenant=tenant, **{field: target})
+
+    return make
+
+
+def fixed_deployment(slug: str = "fixed-chat", *, task: str = "chat", **fields) -> ModelDeployment:
+    """A deployment served by the deterministic fixed-latency backend."""
+    config = fields.pop("config", {})
+    return ModelDeployment.objects.create(
+        slug=slug,
+        name=slug,
+        task=task,
+        backend="workers.backends.fixed.FixedLatencyBackend",
+        backend_config={"latency_ms": 5, **config},
+        **fields,
+    )

@@ -38,6 +38,11 @@ class ReplyEvent(TypedDict):
     data: dict[str, Any]
 
 
+def actor_name(deployment: str) -> str:
+    """The Dramatiq actor that serves a deployment's queue."""
+    return f"{ACTOR_NAME}.{deployment}"
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

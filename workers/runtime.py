@@ -67,10 +67,6 @@ class DeploymentSpec:
         )
 
 
-def actor_name(slug: str) -> str:
-    return f"{protocol.ACTOR_NAME}.{slug}"
-
-
 def should_retry(retries: int, exception: BaseException) -> bool:
     if not isinstance(exception, TransientBackendError) or retries >= MAX_RETRIES:
         return False
@@ -107,6 +103,7 @@ class DeploymentRuntime:
     spec: DeploymentSpec
     backend: Backend = field(init=False)
     batcher: MicroBatcher | None = field(init=False, default=None)
+    actor: dramatiq.Actor | None = field(init=False, default=None)
     busy: int = field(init=False, default=0)
     handled: int = field(init=False, default=0)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
@@ -142,18 +139,23 @@ class DeploymentRuntime:
     def stop(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
+        if self.actor is not None:
+            # Free the name, so a runtime started later in this process may register it.
+            self.actor.broker.actors.pop(self.actor.actor_name, None)
+            self.actor = None
 
     def register(self, broker: dramatiq.Broker) -> dramatiq.Actor:
-        return dramatiq.actor(
+        self.actor = dramatiq.actor(
             self.handle,
             broker=broker,
-            actor_name=actor_name(self.spec.slug),
+            actor_name=protocol.actor_name(self.spec.slug),
             queue_name=self.spec.queue_name,
             max_retries=MAX_RETRIES,
             min_backoff=MIN_BACKOFF_MS,
             max_backoff=MAX_BACKOFF_MS,
             retry_when=should_retry,
         )
+        return self.actor
 
     def status(self) -> dict[str, Any]:
         status = {"busy": self.busy, "handled": self.handled, **self.backend.describe()}

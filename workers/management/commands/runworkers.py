@@ -21,8 +21,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from gateway.models import ModelDeployment
 from workers.broker import get_broker
-from workers.heartbeat import Heartbeat
-from workers.runtime import DeploymentRuntime, DeploymentSpec
+from workers.runtime import DeploymentSpec
+from workers.service import WorkerService, default_threads
 
 logger = logging.getLogger("workers")
 
@@ -49,7 +49,7 @@ class Command(BaseCommand):
         specs = self._specs(deployments)
         if processes < 1:
             raise CommandError("--processes must be at least 1")
-        threads = threads or max(8, 2 * max(spec.max_batch_size for spec in specs))
+        threads = threads or default_threads(specs)
         if processes > 1:
             self._supervise(processes, deployments, threads)
             return
@@ -73,47 +73,24 @@ class Command(BaseCommand):
         return specs
 
     def _serve(self, specs: list[DeploymentSpec], threads: int) -> None:
-        import dramatiq
-
-        broker = get_broker()
-        runtimes = {}
-        for spec in specs:
-            try:
-                runtime = DeploymentRuntime(spec)
-            except (ImportError, TypeError) as exc:
-                raise CommandError(f"Deployment {spec.slug}: {exc}") from exc
-            runtime.start()
-            runtime.register(broker)
-            runtimes[spec.slug] = runtime
-        heartbeat = Heartbeat(runtimes, threads=threads)
-        heartbeat.beat()
-        heartbeat.start()
-        worker = dramatiq.Worker(
-            broker,
-            queues={spec.queue_name for spec in specs},
-            worker_threads=threads,
-            worker_timeout=settings.WORKER_POLL_MS,
-        )
-        worker.start()
+        service = WorkerService(specs, threads=threads)
+        try:
+            service.start()
+        except (ImportError, TypeError) as exc:
+            raise CommandError(f"Cannot serve these deployments: {exc}") from exc
         self.stdout.write(
-            f"worker {heartbeat.worker_id} serving {', '.join(runtimes)} with {threads} threads",
+            f"worker {service.worker_id} serving {', '.join(service.runtimes)} "
+            f"with {service.threads} threads"
         )
         self.stdout.flush()
         stopping = threading.Event()
-
-        def on_signal(signum, frame) -> None:
-            stopping.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, lambda *a: stopping.set())
+        signal.signal(signal.SIGINT, lambda *a: stopping.set())
         while not stopping.wait(0.5):
             pass
         self.stdout.write("stopping: finishing the messages in hand")
-        worker.stop(timeout=10_000)
-        heartbeat.stop()
-        for runtime in runtimes.values():
-            runtime.stop()
-        broker.close()
+        service.stop()
+        get_broker().close()
 
     def _supervise(self, processes: int, deployments: str, threads: int) -> None:
         argv = [
