@@ -14,7 +14,7 @@ NEW = {
     "slug": "qwen2.5-0.5b",
     "name": "Qwen 2.5 0.5B",
     "task": "chat",
-    "backend": "workers.backends.upstream.OpenAICompatibleBackend",
+    "backend": "workers.backends.upstream.OpenAIUpstreamBackend",
     "backend_config": {"base_url": "http://gpu-1:8000/v1"},
     "capacity": 32,
 }

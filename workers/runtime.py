@@ -118,6 +118,8 @@ class DeploymentRuntime:
                 f"not {self.spec.task} (deployment {self.spec.slug})"
             )
         self.backend = backend_class(self.spec.config)
+        # Backends that keep per-deployment state in Redis (the upstream circuit) need it.
+        self.backend.deployment = self.spec.slug
 
     def start(self) -> None:
         started = time.monotonic()
@@ -139,6 +141,9 @@ class DeploymentRuntime:
     def stop(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()  # connection pools (the upstream backend)
         if self.actor is not None:
             # Free the name, so a runtime started later in this process may register it.
             self.actor.broker.actors.pop(self.actor.actor_name, None)

@@ -123,19 +123,23 @@ if enforce then
     end
   end
   if excess > 0 then
-    -- Retry-After from the measured drain rate: completions per second, last 10 s.
+    -- Retry-After from the measured drain rate: completions per second over the last
+    -- 10 s, or the last 30 s (how long the counters live) when the recent window is empty.
     local second = math.floor(now / 1000)
-    local done = 0
-    for i = 1, 10 do
+    local done, window = 0, 0
+    for i = 1, 30 do
       done = done + tonumber(redis.call('GET', drain_prefix .. (second - i)) or 0)
+      window = i
+      if i == 10 and done > 0 then break end
     end
-    local rate = done / 10 * own_share
+    local rate = done / window * own_share
     local wait
     if rate > 0 then
       wait = math.ceil(excess / rate * 1000)
     else
-      local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-      wait = first[2] and (tonumber(first[2]) - now) or 1000
+      -- Nothing finished for 30 s: there is no drain rate to go by. Say the shortest wait;
+      -- a refusal costs the client one round trip, a wait that is too long costs capacity.
+      wait = 1000
     end
     return {'queue_full', wait, remaining, in_use, reset_ms}
   end

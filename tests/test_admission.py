@@ -1,0 +1,269 @@
+"""Admission control: capacity as leases, fair shares, priority classes, honest refusals.
+
+The first classes drive the real admission script in Redis directly, one decision at a
+time, so every step is deterministic. The last ones go through the live gateway, a real
+worker and the official openai client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+
+import openai
+import pytest
+from django.conf import settings
+
+from gateway import admission
+from gateway.catalog import DeploymentEntry, KeyEntry, TenantEntry
+from sluice.errors import SluiceError
+from sluice.redisconn import get_redis
+from tenants.models import Limits
+from workers import protocol, settlement
+
+from .conftest import fixed_deployment, wait_until
+
+LIMITS = Limits(
+    requests_per_minute=100_000,
+    tokens_per_minute=10_000_000,
+    monthly_token_budget=10**12,
+    max_tokens_cap=1024,
+    priority="normal",
+    fair_share_weight=1,
+)
+
+
+def tenant(tenant_id: int, **limits) -> TenantEntry:
+    return TenantEntry(
+        id=tenant_id,
+        slug=f"t{tenant_id}",
+        active=True,
+        limits=replace(LIMITS, **limits),
+        deployments=frozenset({"d"}),
+        prompt_apis=frozenset(),
+    )
+
+
+def key(key_id: int) -> KeyEntry:
+    return KeyEntry(
+        id=key_id,
+        prefix=f"k{key_id:07d}",
+        secret_hash="",
+        tenant_id=key_id,
+        scopes=frozenset({"inference"}),
+        expires_at=None,
+        revoked_at=None,
+    )
+
+
+def deployment(capacity: int) -> DeploymentEntry:
+    return DeploymentEntry(
+        id=1,
+        slug="d",
+        task="chat",
+        enabled=True,
+        capacity=capacity,
+        max_batch_size=1,
+        default_deadline_s=60,
+        queue_name="deploy.d",
+        config={},
+        created=0,
+    )
+
+
+class Desk:
+    """Asks the admission script for one request at a time, as a gateway would."""
+
+    def __init__(self, capacity: int) -> None:
+        self.deployment = deployment(capacity)
+        self.count = 0
+
+    def ask(self, who: TenantEntry, *, deadline_s: float = 60.0, tokens: int = 10) -> str:
+        """'ok' and the request id, or the refusal's error code."""
+        self.count += 1
+        request_id = f"r{self.count}"
+        try:
+            asyncio.run(
+                admission.admit(
+                    request_id=request_id,
+                    key=key(who.id),
+                    tenant=who,
+                    deployment=self.deployment,
+                    deadline_ms=protocol.now_ms() + int(deadline_s * 1000),
+                    reserve_tokens=tokens,
+                )
+            )
+        except SluiceError as refused:
+            self.last_refusal = refused
+            return refused.error.code
+        return request_id
+
+    def finish(self, request_id: str, who: TenantEntry) -> None:
+        settlement.settle(
+            request_id=request_id,
+            tenant_id=who.id,
+            deployment=self.deployment.slug,
+            tokens=5,
+            ms_per_token=0,
+            completed=True,
+        )
+
+    def in_use(self) -> int:
+        return get_redis().zcard(protocol.leases(self.deployment.slug))
+
+
+@pytest.fixture
+def desk(clean_redis):
+    return Desk
+
+
+class CapacityTestCase:
+    def test_it_refuses_beyond_capacity_with_a_retry_after(self, desk):
+        desk = desk(capacity=2)
+        high = tenant(1, priority="high")
+        assert desk.ask(high).startswith("r")
+        assert desk.ask(high).startswith("r")
+        assert desk.ask(high) == "queue_full"
+        refusal = desk.last_refusal
+        assert refusal.error.status == 503
+        assert 1 <= int(refusal.headers["Retry-After"]) <= 60
+        assert int(refusal.headers["retry-after-ms"]) >= 1000
+        assert desk.in_use() == 2
+
+    def test_it_admits_again_once_a_request_finishes(self, desk):
+        desk = desk(capacity=1)
+        high = tenant(1, priority="high")
+        first = desk.ask(high)
+        assert desk.ask(high) == "queue_full"
+        desk.finish(first, high)
+        assert desk.ask(high).startswith("r")
+
+    def test_an_expired_lease_frees_its_capacity_by_itself(self, desk):
+        # A gateway or worker that dies never releases; the lease's deadline does.
+        desk = desk(capacity=1)
+        high = tenant(1, priority="high")
+        desk.ask(high, deadline_s=0.2)
+        assert desk.ask(high) == "queue_full"
+        time.sleep(0.25)
+        assert desk.ask(high).startswith("r")
+
+    def test_retry_after_follows_the_measured_drain_rate(self, desk):
+        desk = desk(capacity=1)
+        high = tenant(1, priority="high")
+        # 20 completions a second ago: a drain rate of 2/s over the 10 s window.
+        drain = protocol.drain_prefix("d") + str(int(time.time()) - 1)
+        get_redis().set(drain, 20, ex=30)
+        desk.ask(high)
+        assert desk.ask(high) == "queue_full"
+        # One request ahead at 2 per second: half a second, said as the 1 s minimum.
+        assert desk.last_refusal.headers["retry-after-ms"] == "1000"
+        get_redis().set(drain, 2, ex=30)  # 0.2/s: one request ahead is 5 s
+        assert desk.ask(high) == "queue_full"
+        assert desk.last_refusal.headers["Retry-After"] == "5"
+
+
+class PriorityTestCase:
+    def test_it_sheds_low_priority_first_and_high_priority_last(self, desk):
+        desk = desk(capacity=8)
+        low, normal = tenant(1, priority="low"), tenant(2, priority="normal")
+        high = tenant(3, priority="high", fair_share_weight=100)
+        # Low priority stops at 75% of the capacity (6 of 8).
+        admitted_low = [desk.ask(low) for _ in range(8)]
+        assert sum(code.startswith("r") for code in admitted_low) <= 6
+        assert "queue_full" in admitted_low
+        # The high-priority tenant still gets the rest.
+        assert desk.ask(high).startswith("r")
+        assert desk.ask(normal) == "queue_full"  # normal stops at 90% (7 of 8)
+
+
+class FairShareTestCase:
+    def test_a_flooding_tenant_cannot_crowd_out_another(self, desk):
+        desk = desk(capacity=8)
+        alpha, beta = tenant(1, priority="high"), tenant(2, priority="high")
+        held = [desk.ask(alpha) for _ in range(8)]
+        assert all(code.startswith("r") for code in held)  # alone, alpha may use it all
+        assert desk.ask(beta) == "queue_full"  # full: beta must wait for a slot ...
+        # ... but each slot that frees now goes to beta until both hold their share.
+        for request_id in held[:4]:
+            desk.finish(request_id, alpha)
+            assert desk.ask(alpha) == "queue_full"
+            assert desk.ask(beta).startswith("r")
+        assert desk.ask(alpha) == "queue_full"
+        assert desk.ask(beta) == "queue_full"
+
+    def test_shares_follow_the_plan_weights(self, desk):
+        desk = desk(capacity=12)
+        heavy = tenant(1, priority="high", fair_share_weight=2)
+        light = tenant(2, priority="high", fair_share_weight=1)
+        assert desk.ask(light).startswith("r")  # light is asking too
+        admitted = [desk.ask(heavy) for _ in range(12)]
+        # heavy's share is 2/3 of 12 = 8; light holds 1 and may take up to 4.
+        assert sum(code.startswith("r") for code in admitted) == 8
+        assert all(desk.ask(light).startswith("r") for _ in range(3))
+        assert desk.ask(light) == "queue_full"
+
+
+@pytest.fixture
+def slow(dataplane, alpha, subscribe):
+    deployment = fixed_deployment("slow-chat", capacity=1, config={"latency_ms": 4000})
+    subscribe(alpha, deployment)
+    return deployment
+
+
+class SaturationTestCase:
+    def test_it_answers_503_queue_full_with_retry_after_and_the_client_gives_up(
+        self, slow, alpha, alice, issue_key, start_worker, dataplane
+    ):
+        start_worker(slow)
+        raw = issue_key(alpha, alice)
+        first = threading.Thread(
+            target=lambda: openai.OpenAI(
+                base_url=f"{dataplane}/v1", api_key=raw, max_retries=0
+            ).chat.completions.create(
+                model="slow-chat", messages=[{"role": "user", "content": "x"}]
+            ),
+            daemon=True,
+        )
+        first.start()
+        wait_until(lambda: get_redis().zcard(protocol.leases("slow-chat")) == 1)
+
+        retrying = openai.OpenAI(base_url=f"{dataplane}/v1", api_key=raw, max_retries=1)
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as refused:
+            retrying.chat.completions.create(
+                model="slow-chat", messages=[{"role": "user", "content": "y"}]
+            )
+        waited = time.monotonic() - started
+        response = refused.value.response
+        assert response.status_code == 503
+        assert refused.value.code == "queue_full"
+        assert int(response.headers["retry-after"]) >= 1
+        assert int(response.headers["retry-after-ms"]) >= 1000
+        # The client waited for the Retry-After the gateway sent before its one retry.
+        assert waited >= 1.0
+        first.join(timeout=10)
+
+    def test_refusals_never_reach_the_queue(
+        self, slow, alpha, alice, issue_key, start_worker, dataplane
+    ):
+        start_worker(slow)
+        client = openai.OpenAI(
+            base_url=f"{dataplane}/v1", api_key=issue_key(alpha, alice), max_retries=0
+        )
+        threading.Thread(
+            target=lambda: client.chat.completions.create(
+                model="slow-chat", messages=[{"role": "user", "content": "x"}]
+            ),
+            daemon=True,
+        ).start()
+        wait_until(lambda: get_redis().zcard(protocol.leases("slow-chat")) == 1)
+        queue = f"{settings.DRAMATIQ_NAMESPACE}:deploy.slow-chat"
+        before = get_redis().hlen(queue + ".msgs")
+        for _ in range(5):
+            with pytest.raises(openai.InternalServerError):
+                client.chat.completions.create(
+                    model="slow-chat", messages=[{"role": "user", "content": "y"}]
+                )
+        assert get_redis().hlen(queue + ".msgs") == before
