@@ -111,7 +111,8 @@ class ContentField(serializers.Field):
     """A message's content: a string, or a list of {"type": "text", "text": ...} parts."""
 
     default_error_messages = {
-        "invalid": 'Must be a string or a list of {"type": "text", "text": "..."} parts.',
+        # Doubled braces: DRF formats these messages with str.format.
+        "invalid": 'Must be a string or a list of {{"type": "text", "text": "..."}} parts.',
         "image": "Only text content is supported by this gateway's models.",
     }
 

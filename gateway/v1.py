@@ -19,7 +19,7 @@ from typing import Any
 
 from adrf.views import APIView
 from django.http import HttpRequest, StreamingHttpResponse
-from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
@@ -43,11 +43,8 @@ FINISH_REASONS = {"stop": "stop", "length": "length"}
 JSON_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
 
 
-class AnyAccept(BaseContentNegotiation):
+class AnyAccept(DefaultContentNegotiation):
     """Answer in JSON (or SSE) whatever the client's Accept header says."""
-
-    def select_parser(self, request, parsers):
-        return parsers[0]
 
     def select_renderer(self, request, renderers, format_suffix=None):
         return renderers[0], renderers[0].media_type

@@ -224,7 +224,12 @@ def _first_validation_error(detail: Any, path: str = "") -> tuple[str | None, st
     """Find the first (param, message) in a DRF ValidationError detail tree."""
     if isinstance(detail, dict):
         for key, value in detail.items():
-            name = path if key == "non_field_errors" else (f"{path}.{key}" if path else str(key))
+            if key == "non_field_errors":
+                name = path
+            elif isinstance(key, int):  # DRF keys a list's errors by index
+                name = f"{path}[{key}]"
+            else:
+                name = f"{path}.{key}" if path else str(key)
             return _first_validation_error(value, name)
     if isinstance(detail, list) and detail:
         if all(isinstance(item, str) for item in detail):

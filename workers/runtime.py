@@ -106,6 +106,8 @@ class DeploymentRuntime:
     actor: dramatiq.Actor | None = field(init=False, default=None)
     busy: int = field(init=False, default=0)
     handled: int = field(init=False, default=0)
+    # Messages skipped because their deadline had passed or their client had gone.
+    dropped: int = field(init=False, default=0)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -163,7 +165,12 @@ class DeploymentRuntime:
         return self.actor
 
     def status(self) -> dict[str, Any]:
-        status = {"busy": self.busy, "handled": self.handled, **self.backend.describe()}
+        status = {
+            "busy": self.busy,
+            "handled": self.handled,
+            "dropped": self.dropped,
+            **self.backend.describe(),
+        }
         if self.batcher is not None:
             status["recent_batch_sizes"] = list(self.batcher.recent_sizes)
         return status
@@ -189,6 +196,7 @@ class DeploymentRuntime:
         ):
             logger.info("dropping %s: its deadline passed or its client left", request_id)
             self._settle(message, tokens=0, completed=False)
+            self._count_drop()
             return
         started = protocol.now_ms()
         request = BackendRequest(
@@ -203,6 +211,7 @@ class DeploymentRuntime:
             result = self._run(request)
         except DroppedError:
             self._settle(message, tokens=0, completed=False)
+            self._count_drop()
             return
         except InvalidInputError as exc:
             self._fail(message, writer, exc.code, str(exc), status=400)
@@ -235,6 +244,10 @@ class DeploymentRuntime:
         self._settle(message, tokens=result.total_tokens, completed=True, pipe=pipe)
         writer._add("done", done, pipe)
         pipe.execute()
+
+    def _count_drop(self) -> None:
+        with self._lock:
+            self.dropped += 1
 
     def _run(self, request: BackendRequest) -> BackendResult:
         timeout = max(0.001, (request.deadline_ms - protocol.now_ms()) / 1000) + 5
