@@ -1,0 +1,147 @@
+"""Workers that fail: transient errors retried, poison messages dead-lettered, a worker
+killed with SIGKILL mid-request. The client always gets a clear answer, never a hang,
+and capacity always comes back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from urllib.parse import quote
+
+import openai
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from sluice.redisconn import get_redis
+from workers import protocol
+
+from .conftest import fixed_deployment, wait_until
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def client(dataplane, alpha, alice, issue_key):
+    return openai.OpenAI(base_url=f"{dataplane}/v1", api_key=issue_key(alpha, alice), max_retries=0)
+
+
+def leases(slug: str) -> int:
+    return get_redis().zcard(protocol.leases(slug))
+
+
+class RetryTestCase:
+    def test_a_transient_failure_is_retried_and_succeeds(
+        self, dataplane, alpha, subscribe, client, start_worker
+    ):
+        deployment = fixed_deployment("flaky", config={"transient_on": "FLAKY"})
+        subscribe(alpha, deployment)
+        start_worker(deployment)
+        reply = client.chat.completions.create(
+            model="flaky", messages=[{"role": "user", "content": "FLAKY please"}]
+        )
+        assert reply.choices[0].message.content == "echo: FLAKY please"
+
+    def test_a_poison_message_is_dead_lettered_and_the_client_told(
+        self, dataplane, alpha, subscribe, client, start_worker
+    ):
+        deployment = fixed_deployment("poisoned", config={"fail_on": "POISON"})
+        subscribe(alpha, deployment)
+        start_worker(deployment)
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.chat.completions.create(
+                model="poisoned", messages=[{"role": "user", "content": "POISON"}]
+            )
+        assert failed.value.code == "worker_error"
+        assert "POISON" in failed.value.message
+        dead = f"{settings.DRAMATIQ_NAMESPACE}:{deployment.queue_name}.XQ"
+        wait_until(lambda: get_redis().zcard(dead) == 1, what="the message to be dead-lettered")
+        assert leases("poisoned") == 0
+        # The worker goes on serving.
+        assert client.chat.completions.create(model="poisoned", messages=MESSAGES).choices
+
+
+def _database_url() -> str:
+    """The test database, as a URL a subprocess can use."""
+    config = connection.settings_dict
+    auth = quote(config["USER"] or "")
+    if config["PASSWORD"]:
+        auth += ":" + quote(config["PASSWORD"])
+    host = config["HOST"] or ""
+    name = quote(config["NAME"])
+    if host.startswith("/"):
+        return f"postgresql://{auth}@/{name}?host={quote(host)}"
+    return f"postgresql://{auth}@{host}:{config['PORT'] or 5432}/{name}"
+
+
+def _worker_process(slug: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "DATABASE_URL": _database_url(),
+        "REDIS_URL": settings.REDIS_URL,
+        "SLUICE_REDIS_PREFIX": settings.REDIS_PREFIX,
+    }
+    return subprocess.Popen(  # noqa: S603 - our own manage.py
+        [sys.executable, "manage.py", "runworkers", "--deployments", slug, "--threads", "2"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _busy_workers() -> int:
+    client = get_redis()
+    busy = 0
+    for worker_id in client.zrange(protocol.workers_index(), 0, -1):
+        value = client.hget(protocol.heartbeat(worker_id.decode()), "busy")
+        busy += int(value or 0)
+    return busy
+
+
+class KilledWorkerTestCase:
+    def test_a_sigkilled_worker_costs_one_request_a_clear_error_and_nothing_more(
+        self, dataplane, alpha, subscribe, client, start_worker
+    ):
+        deployment = fixed_deployment("mortal", capacity=1, config={"latency_ms": 10_000})
+        subscribe(alpha, deployment)
+        worker = _worker_process("mortal")
+        try:
+            wait_until(
+                lambda: get_redis().zcard(protocol.workers_index()) >= 1,
+                timeout=60,
+                what="the worker process to start",
+            )
+            outcome: dict = {}
+
+            def doomed() -> None:
+                try:
+                    client.with_options(
+                        default_headers={"X-Request-Timeout": "3"}
+                    ).chat.completions.create(model="mortal", messages=MESSAGES)
+                except openai.APIStatusError as error:
+                    outcome["error"] = error
+
+            thread = threading.Thread(target=doomed, daemon=True)
+            thread.start()
+            wait_until(lambda: _busy_workers() == 1, timeout=10, what="the worker to be busy")
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(timeout=10)
+            thread.join(timeout=10)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+        # The client heard, by its deadline, that the request did not finish ...
+        assert outcome["error"].status_code == 504
+        assert outcome["error"].code == "deadline_exceeded"
+        # ... the capacity the dead worker held is free again ...
+        assert leases("mortal") == 0
+        # ... and a new worker serves the next request.
+        deployment.backend_config = {"latency_ms": 5}
+        deployment.save(update_fields=["backend_config"])
+        start_worker(deployment)
+        reply = client.chat.completions.create(model="mortal", messages=MESSAGES)
+        assert reply.choices[0].message.content == "echo: hi"
