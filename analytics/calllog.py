@@ -74,7 +74,7 @@ def encode(record: CallRecord) -> dict[str, str]:
         if value is None:
             fields[name] = ""
         elif isinstance(value, float):
-            fields[name] = repr(round(value, _PRECISION[name]))
+            fields[name] = repr(round(value, _PRECISION.get(name, 6)))
         else:
             fields[name] = str(value)
     return fields

@@ -1,4 +1,5 @@
-"""`make demo`: migrate, load demo data, then run every Sluice process on this machine.
+"""`make demo`: migrate, load demo data, then run every Sluice process on this machine:
+the web server, a worker serving the demo models and the call-log flusher.
 
 This process holds the embedded PostgreSQL and Redis (when DATABASE_URL / REDIS_URL are
 unset) for as long as it runs; the children it starts join them. Ctrl-C stops the
@@ -7,6 +8,7 @@ children, then the embedded servers stop with this process.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,6 +20,14 @@ import urllib.request
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+
+from gateway.models import ModelDeployment
+from sluice.redisconn import get_redis
+from tenants.management.commands.bootstrap_demo import Command as Bootstrap
+from workers import protocol
+
+# The first start converts the chat model's GGUF once (about half a minute on two cores).
+WORKERS_READY_TIMEOUT_S = 300
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -49,12 +59,14 @@ class Command(BaseCommand):
         settings.SITE_URL = f"http://{host}:{port}"
         self.stdout.write("Migrating the database ...")
         call_command("migrate", interactive=False, verbosity=0)
-        call_command("bootstrap_demo")
+        raw_key = Bootstrap(stdout=self.stdout, stderr=self.stderr).run()
 
         children = self._start(host, port)
         try:
             self._wait_until_up(host, port, children)
             self._print_ready(host, port)
+            self._wait_for_workers(children)
+            self._print_snippets(host, port, raw_key)
             self._supervise(children)
         finally:
             self._stop(children)
@@ -73,6 +85,9 @@ class Command(BaseCommand):
                 str(port),
                 "--no-access-log",
             ],
+            # One process for both demo models; its threads wait on the micro-batchers.
+            "worker": [python, "manage.py", "runworkers", "--deployments", "all"],
+            "flusher": [python, "manage.py", "flush_calllogs"],
         }
 
     def _start(self, host: str, port: int) -> dict[str, subprocess.Popen]:
@@ -106,6 +121,50 @@ class Command(BaseCommand):
             + f"  API docs        {base}/api/docs/\n"
             + f"  Health          {base}/healthz\n"
         )
+
+    def _wait_for_workers(self, children) -> None:
+        """Wait until a worker has loaded every enabled deployment's model."""
+        wanted = set(ModelDeployment.objects.filter(enabled=True).values_list("slug", flat=True))
+        self.stdout.write(f"Loading the models ({', '.join(sorted(wanted))}) ...")
+        self.stdout.flush()
+        client = get_redis()
+        deadline = time.monotonic() + WORKERS_READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if children["worker"].poll() is not None:
+                raise CommandError(
+                    f"The worker exited with code {children['worker'].returncode}; its log is "
+                    "above."
+                )
+            serving = set()
+            for worker_id in client.zrange(protocol.workers_index(), 0, -1):
+                raw = client.hget(protocol.heartbeat(worker_id.decode()), "deployments")
+                if raw:
+                    serving |= set(json.loads(raw))
+            if wanted <= serving:
+                return
+            time.sleep(0.5)
+        raise CommandError(f"The models did not load within {WORKERS_READY_TIMEOUT_S} s.")
+
+    def _print_snippets(self, host: str, port: int, raw_key: str) -> None:
+        base = f"http://{host}:{port}/v1"
+        self.stdout.write(
+            self.style.SUCCESS("The models are loaded. Try them:\n")
+            + f"""
+  curl -s {base}/chat/completions \\
+    -H "Authorization: Bearer {raw_key}" -H "Content-Type: application/json" \\
+    -d '{{"model": "smollm2-135m-instruct", "messages": [{{"role": "user", "content": "Name three rivers."}}], "max_tokens": 40}}'
+
+With the official openai client (paste into a shell in this directory):
+
+.venv/bin/python - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{base}", api_key="{raw_key}")
+print(client.chat.completions.create(model="smollm2-135m-instruct", messages=[{{"role": "user", "content": "Say hello."}}], max_tokens=30).choices[0].message.content)
+print(len(client.embeddings.create(model="all-minilm-l6-v2", input="Sluice sheds load honestly.").data[0].embedding), "dimensions")
+PY
+"""  # noqa: E501 - lines meant to be pasted whole
+        )
+        self.stdout.flush()
 
     def _supervise(self, children) -> None:
         stop = {"now": False}

