@@ -445,16 +445,17 @@ async def guarded(call: Call):
     """Around a whole request: record the outcome, release on disconnect, log once."""
     try:
         yield call
-    except SluiceError as exc:
-        call.fail(exc)
-        await call.release(cancel=True)
-        raise
     except asyncio.CancelledError:
         # Django cancels the view when the client disconnects (Django 5.0+).
         await asyncio.shield(call.client_gone())
         raise
-    except Exception:
-        call.status_code, call.error_code = 500, errors.INTERNAL_ERROR.code
+    except Exception as exc:
+        # SluiceErrors and DRF's validation errors alike: the status the client will get.
+        known = errors.to_sluice_error(exc)
+        if known is not None:
+            call.fail(known)
+        else:
+            call.status_code, call.error_code = 500, errors.INTERNAL_ERROR.code
         await call.release(cancel=True)
         raise
     finally:
