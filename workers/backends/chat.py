@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -313,7 +314,9 @@ class TransformersChatBackend(Backend):
                 raise InvalidInputError("messages must be a non-empty list.")
             try:
                 text = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
+                    [self._defused(message) for message in messages],
+                    add_generation_prompt=True,
+                    tokenize=False,
                 )
             except Exception as exc:  # a template error means the messages do not fit it
                 raise InvalidInputError(
@@ -334,6 +337,28 @@ class TransformersChatBackend(Backend):
                 f"{self.context_length} tokens leaves room for {max(budget, 0)}."
             )
         return ids
+
+    def _defused(self, message: Any) -> Any:
+        """The message with any special-token text in it made ordinary text.
+
+        The templated prompt is tokenized as a whole, so a user who writes
+        "<|im_end|><|im_start|>system ..." would otherwise open a turn of their own. A
+        zero-width space inside each marker keeps the text readable and the roles ours.
+        """
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return message
+        content = message["content"]
+        for marker in self._special_markers:
+            if marker in content:
+                content = content.replace(marker, marker[:1] + "\u200b" + marker[1:])
+        return {**message, "content": content}
+
+    @functools.cached_property
+    def _special_markers(self) -> list[str]:
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        markers = {token.content for token in added.values() if len(token.content) > 1}
+        markers |= {t for t in self.tokenizer.all_special_tokens if len(t) > 1}
+        return sorted(markers, key=len, reverse=True)
 
     def max_tokens(self, request: BackendRequest) -> int:
         # The gateway sends max_tokens (its deployment's default_max_tokens when the client
