@@ -87,7 +87,7 @@ class Command(BaseCommand):
             ],
             # One process for both demo models; its threads wait on the micro-batchers.
             "worker": [python, "manage.py", "runworkers", "--deployments", "all"],
-            "flusher": [python, "manage.py", "flush_calllogs"],
+            "flusher": [python, "manage.py", "flush_calllogs", "--verbosity", "0"],
         }
 
     def _start(self, host: str, port: int) -> dict[str, subprocess.Popen]:
