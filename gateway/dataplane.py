@@ -48,8 +48,9 @@ logger = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 MAX_DEADLINE_S = 3600.0
-# Longest single XREAD block; the loop re-checks the deadline between reads.
-READ_BLOCK_MS = 5000
+# Longest single XREAD block; the loop re-checks the deadline between reads. Well under
+# the Redis socket timeout (sluice.redisconn.SOCKET_TIMEOUT_S), which would cut it short.
+READ_BLOCK_MS = 2000
 # A status for the call log when the client went away before the answer (nginx's 499).
 CLIENT_CLOSED = 499
 
@@ -449,6 +450,17 @@ async def guarded(call: Call):
         # Django cancels the view when the client disconnects (Django 5.0+).
         await asyncio.shield(call.client_gone())
         raise
+    except (redis.RedisError, OSError) as exc:
+        # Redis went away mid-request (admission and enqueue handle their own): say so.
+        logger.warning("redis failed during %s: %s", call.request_id, exc)
+        lost = SluiceError(
+            errors.BROKER_UNAVAILABLE,
+            "The gateway lost its connection to the work queue; retry shortly.",
+            headers=admission.retry_headers(1000),
+        )
+        call.fail(lost)
+        await asyncio.shield(call.release(cancel=True))
+        raise lost from exc
     except Exception as exc:
         # SluiceErrors and DRF's validation errors alike: the status the client will get.
         known = errors.to_sluice_error(exc)

@@ -15,11 +15,22 @@ from django.db import transaction
 
 logger = logging.getLogger(__name__)
 
+# How long a read may wait for Redis before the connection counts as dead. redis-py's
+# default is 5 s, which would cut a blocking read (XREAD BLOCK on a reply stream) of the
+# same length short: every blocking read Sluice issues blocks for well under this.
+SOCKET_TIMEOUT_S = 30.0
+SOCKET_CONNECT_TIMEOUT_S = 5.0
+
 
 @functools.cache
 def get_redis() -> redis.Redis:
     """A process-wide client; redis-py's pool makes it safe to share between threads."""
-    return redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+    return redis.Redis.from_url(
+        settings.REDIS_URL,
+        health_check_interval=30,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_S,
+    )
 
 
 _async_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -39,6 +50,8 @@ def get_async_redis() -> redis.asyncio.Redis:
             max_connections=settings.REDIS_MAX_CONNECTIONS,
             timeout=settings.REDIS_POOL_TIMEOUT_S,
             health_check_interval=30,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_S,
         )
         client = redis.asyncio.Redis(connection_pool=pool)
         _async_clients[loop] = client

@@ -85,6 +85,19 @@ class DeadlineTestCase:
         assert reply.json()["error"]["param"] == "X-Request-Timeout"
 
 
+class LongAnswerTestCase:
+    def test_an_answer_slower_than_redis_socket_defaults_still_arrives(
+        self, dataplane, alpha, subscribe, raw_key, start_worker
+    ):
+        # redis-py times a read out after 5 s by default; a 6 s answer must still arrive.
+        deployment = fixed_deployment("slow-chat", config={"latency_ms": 6000})
+        subscribe(alpha, deployment)
+        start_worker(deployment)
+        reply = post(dataplane, raw_key)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == "echo: hi"
+
+
 class DisconnectTestCase:
     def test_a_client_that_leaves_releases_its_lease_and_reservation(
         self, slow, raw_key, dataplane, start_worker, alpha
