@@ -16,6 +16,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from sluice.dataplane_asgi import DataPlaneHandler, route  # noqa: E402
 from sluice.routing import websocket_urlpatterns  # noqa: E402
 
 if settings.SERVE_STATIC:
@@ -25,7 +26,7 @@ if settings.SERVE_STATIC:
 
 application = ProtocolTypeRouter(
     {
-        "http": django_application,
+        "http": route(DataPlaneHandler(), django_application),
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),

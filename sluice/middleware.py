@@ -43,6 +43,9 @@ class RequestIdMiddleware:
             markcoroutinefunction(self)
 
     def _before(self, request: HttpRequest) -> HttpResponse | None:
+        # ALLOWED_HOSTS is enforced when the host is first read (CommonMiddleware does it
+        # for the console); the data plane runs without it, so read it here.
+        request.get_host()
         incoming = request.headers.get("X-Request-ID", "")
         request.request_id = incoming if _CLIENT_ID.match(incoming) else new_request_id()
         current_request_id.set(request.request_id)
@@ -58,6 +61,8 @@ class RequestIdMiddleware:
     @staticmethod
     def _after(request: HttpRequest, response: HttpResponse) -> HttpResponse:
         response["X-Request-ID"] = request.request_id
+        # SecurityMiddleware sets it elsewhere; the data plane runs without that one.
+        response.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
     def __call__(self, request: HttpRequest):

@@ -64,6 +64,10 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# The /v1 data plane runs through its own Django handler with only these (async)
+# middleware: see sluice/dataplane_asgi.py for why.
+DATA_PLANE_MIDDLEWARE = ["sluice.middleware.RequestIdMiddleware"]
+
 ROOT_URLCONF = "sluice.urls"
 ASGI_APPLICATION = "sluice.asgi.application"
 

@@ -123,6 +123,26 @@ class EmbeddingsTestCase:
         assert reply.data[0].embedding == pytest.approx(again.data[0].embedding, rel=1e-6)
 
 
+class DataPlaneHandlerTestCase:
+    def test_it_answers_without_cookies_or_session(self, chat, client, dataplane):
+        reply = httpx.get(
+            f"{dataplane}/v1/models", headers={"Authorization": f"Bearer {client.api_key}"}
+        )
+        assert reply.status_code == 200
+        assert "set-cookie" not in reply.headers
+        assert reply.headers["x-content-type-options"] == "nosniff"
+        assert reply.headers["x-request-id"].startswith("req_")
+
+    def test_it_still_enforces_allowed_hosts(self, chat, client, dataplane):
+        reply = httpx.get(f"{dataplane}/v1/models", headers={"Host": "evil.example"})
+        assert reply.status_code == 400
+
+    def test_an_unknown_v1_path_is_a_json_404(self, dataplane):
+        reply = httpx.get(f"{dataplane}/v1/nothing-here")
+        assert reply.status_code == 404
+        assert reply.json()["error"]["code"] == "not_found"
+
+
 class ModelsTestCase:
     def test_it_lists_only_what_the_tenant_may_use(self, chat, client, dataplane):
         fixed_deployment("not-subscribed")

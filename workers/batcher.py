@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -33,11 +34,24 @@ class _Item:
 
 class MicroBatcher:
     def __init__(
-        self, backend: Backend, *, max_batch_size: int, max_wait_ms: int, name: str
+        self,
+        backend: Backend,
+        *,
+        max_batch_size: int,
+        max_wait_ms: int,
+        name: str,
+        in_hand: Callable[[], int] | None = None,
     ) -> None:
         self.backend = backend
         self.max_batch_size = max(1, max_batch_size)
         self.max_wait_s = max(0, max_wait_ms) / 1000
+        # How many requests the worker holds in all (taken off the queue, not yet answered).
+        # Those it holds that the batcher has not seen are on their way to it; with none on
+        # the way, waiting for company only delays the batch (by the whole max_wait_ms when
+        # a request arrives alone). Without the callable, every batch waits its window.
+        self.in_hand = in_hand
+        self.holding = 0  # submitted and not yet answered
+        self._holding_lock = threading.Lock()
         self._queue: queue.Queue[_Item] = queue.Queue()
         self._stop = threading.Event()
         self.recent_sizes: collections.deque[int] = collections.deque(maxlen=32)
@@ -48,8 +62,18 @@ class MicroBatcher:
 
     def submit(self, request: BackendRequest) -> Future:
         future: Future = Future()
+        with self._holding_lock:
+            self.holding += 1
+        future.add_done_callback(self._answered)
         self._queue.put(_Item(request, future))
         return future
+
+    def _answered(self, future: Future) -> None:
+        with self._holding_lock:
+            self.holding -= 1
+
+    def _more_on_the_way(self) -> bool:
+        return self.in_hand is None or self.in_hand() > self.holding
 
     def run(self, request: BackendRequest, timeout: float | None = None) -> BackendResult:
         return self.submit(request).result(timeout=timeout)
@@ -67,10 +91,11 @@ class MicroBatcher:
         while len(batch) < self.max_batch_size:
             remaining = give_up - time.monotonic()
             try:
-                # Past max_wait, still take whatever is already waiting (no more waiting).
+                # Past max_wait, or with nothing on its way, still take whatever is already
+                # waiting, without waiting for more.
                 item = (
                     self._queue.get(timeout=remaining)
-                    if remaining > 0
+                    if remaining > 0 and self._more_on_the_way()
                     else self._queue.get_nowait()
                 )
             except queue.Empty:

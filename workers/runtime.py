@@ -132,6 +132,7 @@ class DeploymentRuntime:
                 max_batch_size=self.spec.max_batch_size,
                 max_wait_ms=self.spec.max_wait_ms,
                 name=self.spec.slug,
+                in_hand=lambda: self.busy,
             )
         logger.info(
             "deployment %s ready in %.1fs: %s",
