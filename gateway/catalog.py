@@ -24,6 +24,7 @@ import jsonschema
 import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import close_old_connections
 from django.db.models import Q
 from django.utils import timezone
 
@@ -150,7 +151,9 @@ class Catalog:
         if slot is not None and now - slot.loaded < settings.CATALOG_TTL_S:
             return slot.value
         generation = self._generation
-        value = await sync_to_async(load)()
+        # Not thread-sensitive: a pool of its own, so a slow database delays only the
+        # requests that wait for a load (sluice/dataplane_asgi.py).
+        value = await sync_to_async(_closing(load), thread_sensitive=False)()
         self.loads += 1
         if generation == self._generation:
             self._slots[slot_key] = _Slot(value, now)
@@ -211,6 +214,20 @@ catalog = Catalog()
 
 
 # --- loaders (sync, run in a thread by sync_to_async) -----------------------------------
+
+
+def _closing(load: Callable[[], Any]) -> Callable[[], Any]:
+    """Run a loader as Django runs a request: connections closed (or kept, per
+    CONN_MAX_AGE) afterwards, since no request_finished signal runs in the loaders' pool."""
+
+    def run() -> Any:
+        close_old_connections()
+        try:
+            return load()
+        finally:
+            close_old_connections()
+
+    return run
 
 
 def _load_key(prefix: str) -> KeyEntry | None:

@@ -21,6 +21,12 @@ class BellTestCase:
         assert rings("deploy.nobody") == 2
         assert get_redis().llen(f"{broker.get_broker().namespace}:deploy.nobody") == 2
 
+    def test_it_sends_after_redis_forgot_its_scripts(self, clean_redis):
+        # A Redis restart (or SCRIPT FLUSH) drops loaded scripts; sending must not fail.
+        get_redis().script_flush()
+        asyncio.run(broker.send_async("deploy.nobody", protocol.actor_name("nobody"), {"x": 1}))
+        assert get_redis().llen(f"{broker.get_broker().namespace}:deploy.nobody") == 1
+
     def test_rings_for_a_queue_nobody_serves_are_capped(self, clean_redis):
         for index in range(broker.BELL_CAP + 10):
             broker.send("deploy.nobody", protocol.actor_name("nobody"), {"x": index})

@@ -68,17 +68,23 @@ class HotPathTestCase:
     ):
         start_worker(chat)
         client.chat.completions.create(model="fixed-chat", messages=MESSAGES)  # warm up
-        commands: list[tuple] = []
+        trips: list[tuple] = []  # one entry per round trip: a command, or a pipeline
         original = redis.asyncio.Redis.execute_command
+        original_pipeline = redis.asyncio.client.Pipeline.execute
 
         async def recording(self, *args, **options):
-            commands.append(args)
+            trips.append(args)
             return await original(self, *args, **options)
 
+        async def recording_pipeline(self, *args, **options):
+            trips.append(tuple(word for args, _ in self.command_stack for word in args))
+            return await original_pipeline(self, *args, **options)
+
         monkeypatch.setattr(redis.asyncio.Redis, "execute_command", recording)
+        monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", recording_pipeline)
         client.chat.completions.create(model="fixed-chat", messages=MESSAGES)
-        enqueue = next(index for index, args in enumerate(commands) if b"enqueue" in _words(args))
-        assert enqueue + 1 <= 3, commands[: enqueue + 1]
+        enqueue = next(index for index, args in enumerate(trips) if b"enqueue" in _words(args))
+        assert enqueue + 1 <= 3, trips[: enqueue + 1]
 
 
 def _words(args: tuple) -> list[bytes]:

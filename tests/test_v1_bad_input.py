@@ -258,3 +258,17 @@ class OpenAIExceptionsTestCase:
         with pytest.raises(openai.AuthenticationError) as raised:
             self.client(setup).models.list()
         assert "revoked" in raised.value.message
+
+
+def test_validation_keeps_no_state_between_requests():
+    # The data plane's serializers share their fields between instances (SharedFields).
+    from gateway.openai_schema import ChatCompletionRequest
+
+    bad = ChatCompletionRequest(data={**CHAT, "temperature": 9, "messages": "x"})
+    assert not bad.is_valid()
+    good = ChatCompletionRequest(data={**CHAT, "max_tokens": 3})
+    assert good.is_valid(), good.errors
+    assert good.validated_data["messages"] == [{"role": "user", "content": "hi"}]
+    assert good.validated_data["max_tokens"] == 3
+    assert bad.fields is good.fields
+    assert set(bad.errors) == {"temperature", "messages"}

@@ -135,11 +135,11 @@ def send(queue_name: str, actor_name: str, payload: dict) -> None:
 
 
 _unpack_size: int | None = None
-_dispatch = {}
 
 
 async def send_async(queue_name: str, actor_name: str, payload: dict) -> None:
-    """Enqueue one message from the event loop in one Redis round trip, holding no thread.
+    """Enqueue one message and ring its queue's bell in one Redis round trip, from the
+    event loop, holding no thread.
 
     Dramatiq's RedisBroker.enqueue is synchronous; this runs the broker's own dispatch
     script with the very arguments RedisBroker.enqueue passes, on the asyncio client, so
@@ -150,28 +150,35 @@ async def send_async(queue_name: str, actor_name: str, payload: dict) -> None:
     if _unpack_size is None:
         # One synchronous round trip per process (Dramatiq caches it the same way).
         _unpack_size = await sync_to_async(broker._max_unpack_size, thread_sensitive=False)()
-    client = get_async_redis()
-    script = _dispatch.get(id(client))
-    if script is None:
-        script = _dispatch[id(client)] = client.register_script(broker.scripts["dispatch"].script)
-    message = build_message(queue_name, actor_name, payload)
+    dispatch = broker.scripts["dispatch"]
     redis_message_id = str(uuid.uuid4())
-    message = message.copy(options={"redis_message_id": redis_message_id})
-    await script(
-        keys=[broker.namespace],
-        args=[
-            "enqueue",
-            current_millis(),
-            queue_name,
-            broker.broker_id,
-            broker.heartbeat_timeout,
-            broker.dead_message_ttl,
-            0,  # maintenance is the workers' job, not the hot path's
-            _unpack_size,
-            redis_message_id,
-            message.encode(),
-        ],
+    message = build_message(queue_name, actor_name, payload).copy(
+        options={"redis_message_id": redis_message_id}
     )
-    async with client.pipeline(transaction=False) as pipe:
-        _ring(pipe, bell(broker.namespace, queue_name))
-        await pipe.execute()
+    args = [
+        "enqueue",
+        current_millis(),
+        queue_name,
+        broker.broker_id,
+        broker.heartbeat_timeout,
+        broker.dead_message_ttl,
+        0,  # maintenance is the workers' job, not the hot path's
+        _unpack_size,
+        redis_message_id,
+        message.encode(),
+    ]
+    client = get_async_redis()
+    for attempt in (1, 2):
+        # EVALSHA, not a registered Script: redis-py checks a pipeline's scripts with an
+        # extra SCRIPT EXISTS round trip on every execute.
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(dispatch.sha, 1, broker.namespace, *args)
+            _ring(pipe, bell(broker.namespace, queue_name))
+            try:
+                await pipe.execute()
+                return
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+        # Redis restarted or its scripts were flushed: load it once, then send again.
+        await client.script_load(dispatch.script)
