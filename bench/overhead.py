@@ -387,11 +387,12 @@ def _markdown(
         f"{report.ms(b['inference'])} ms in the worker's batcher and backend "
         f"(of which {LATENCY_MS} ms is the model) + "
         f"{report.ms(b['queue'])} ms from enqueue to a worker picking the message up "
-        "(Dramatiq's Redis consumer polls; SLUICE_WORKER_POLL_MS bounds it) + "
+        "(an idle consumer wakes on the queue's bell; a busy one polls every "
+        "SLUICE_WORKER_POLL_MS at most) + "
         f"{report.ms(b['view'])} ms of the view's own work (key, validation, admission, "
         "enqueue, reading the reply stream) + "
         f"{report.ms(b['outside'])} ms outside the view (HTTP, uvicorn, Django's request "
-        "handling and its thread hop, DRF rendering).",
+        "handling, DRF rendering).",
         "",
         f"Under concurrency the limit is CPU, not waiting: at concurrency {GOAL_CONCURRENCY} "
         f"Sluice's processes (gateway, worker, Redis, load generator) spent "
@@ -402,7 +403,11 @@ def _markdown(
         f"{at_goal['rate']:.0f} per s = {GOAL_CONCURRENCY * 1000 / at_goal['rate']:.0f} ms). "
         f"The largest share is the {PROCESS_LABELS[largest]}'s "
         f"({report.ms(shares[largest], 2)} ms); the "
-        "direct call costs no CPU at all, as the fixed backend only sleeps. "
+        "direct call costs no CPU at all, as the fixed backend only sleeps, and its threads "
+        "each sleep their own 20 ms in parallel, which no batching worker can do: against "
+        "the in-process batcher column (the same backend behind one micro-batcher) the "
+        "overhead at this concurrency is "
+        f"{report.ms(at_goal['sluice']['p50'] - at_goal['batcher']['p50'])} ms at p50. "
         + (
             "At this CPU cost per request the goal cannot be met on this machine at this "
             "concurrency, however the work is scheduled: it needs less CPU per request "
@@ -413,11 +418,9 @@ def _markdown(
         "",
         f"Idle, with no request at all, the worker process ({WORKER_THREADS} threads) used "
         f"{idle['worker'] / idle['wall']:.0%} of a CPU and the gateway "
-        f"{idle['gateway'] / idle['wall']:.0%}: each Dramatiq worker thread waits on its "
-        "in-process queue with a timeout of worker_timeout (SLUICE_WORKER_POLL_MS, 10 ms), "
-        "so it wakes 100 times a second whether or not there is work, and the cost grows with "
-        "--threads. Part of the worker's CPU per request above is this polling, spread over "
-        "the requests of the run (most visible at concurrency 1).",
+        f"{idle['gateway'] / idle['wall']:.0%}: idle consumers block on their queue's bell "
+        "and idle worker threads wake four times a second (workers/broker.py, "
+        "workers/service.py; Dramatiq alone would wake each thread 100 times a second).",
         "",
         "The in-process batcher column is the worker's own scheduling without any network: "
         "a request that arrives while a batch runs waits for the next one, so with many "
@@ -426,7 +429,9 @@ def _markdown(
         f"The batching window: with the default max_wait_ms of 10, an unloaded request took "
         f"{report.ms(window['p50'])} ms p50 / {report.ms(window['p99'])} ms p99, against "
         f"{report.ms(results[1]['sluice']['p50'])} / {report.ms(results[1]['sluice']['p99'])} "
-        "with 0: the batcher waits the whole window for company that does not come.",
+        "with 0. The batcher waits for company only while the worker holds requests on "
+        "their way to it (workers/batcher.py), so an unloaded request barely pays for the "
+        "window.",
         "",
         f"Load generator: at concurrency 16, httpx.AsyncClient used "
         f"{clients['httpx']['cpu_us']:.0f} µs of CPU per request "
