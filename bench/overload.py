@@ -497,9 +497,9 @@ def _markdown(
             f"Where a refusal's time goes: inside the view (key, validation, the admission "
             f"script, the 503) it took at most {report.ms(inside)} ms at p99; at the client, "
             f"up to {report.ms(outside)} ms. The difference is spent before and after the "
-            "view, in uvicorn and Django's request handling (middleware, the request_started "
-            "and request_finished signals run through sync_to_async on a thread of their "
-            "own), competing for the same CPU as the admitted requests."
+            "view, in uvicorn and Django's request handling (the request_started and "
+            "request_finished signals, run through sync_to_async on a shared thread), and "
+            "in waiting for the same CPU as the admitted requests."
         )
         reading.append("")
     retried = [s for s in steps if s.config in bounded and s.retries]

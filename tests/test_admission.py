@@ -7,77 +7,27 @@ worker and the official openai client.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from dataclasses import replace
 
 import openai
 import pytest
 from django.conf import settings
 
-from gateway import admission
-from gateway.catalog import DeploymentEntry, KeyEntry, TenantEntry
+from gateway.catalog import TenantEntry
 from sluice.errors import SluiceError
 from sluice.redisconn import get_redis
-from tenants.models import Limits
 from workers import protocol, settlement
 
 from .conftest import fixed_deployment, wait_until
-
-LIMITS = Limits(
-    requests_per_minute=100_000,
-    tokens_per_minute=10_000_000,
-    monthly_token_budget=10**12,
-    max_tokens_cap=1024,
-    priority="normal",
-    fair_share_weight=1,
-)
-
-
-def tenant(tenant_id: int, **limits) -> TenantEntry:
-    return TenantEntry(
-        id=tenant_id,
-        slug=f"t{tenant_id}",
-        active=True,
-        limits=replace(LIMITS, **limits),
-        deployments=frozenset({"d"}),
-        prompt_apis=frozenset(),
-    )
-
-
-def key(key_id: int) -> KeyEntry:
-    return KeyEntry(
-        id=key_id,
-        prefix=f"k{key_id:07d}",
-        secret_hash="",
-        tenant_id=key_id,
-        scopes=frozenset({"inference"}),
-        expires_at=None,
-        revoked_at=None,
-    )
-
-
-def deployment(capacity: int) -> DeploymentEntry:
-    return DeploymentEntry(
-        id=1,
-        slug="d",
-        task="chat",
-        enabled=True,
-        capacity=capacity,
-        max_batch_size=1,
-        default_deadline_s=60,
-        queue_name="deploy.d",
-        config={},
-        created=0,
-    )
+from .entries import admit, deployment_entry, tenant_entry
 
 
 class Desk:
     """Asks the admission script for one request at a time, as a gateway would."""
 
     def __init__(self, capacity: int) -> None:
-        self.deployment = deployment(capacity)
+        self.deployment = deployment_entry(capacity=capacity)
         self.count = 0
 
     def ask(self, who: TenantEntry, *, deadline_s: float = 60.0, tokens: int = 10) -> str:
@@ -85,15 +35,12 @@ class Desk:
         self.count += 1
         request_id = f"r{self.count}"
         try:
-            asyncio.run(
-                admission.admit(
-                    request_id=request_id,
-                    key=key(who.id),
-                    tenant=who,
-                    deployment=self.deployment,
-                    deadline_ms=protocol.now_ms() + int(deadline_s * 1000),
-                    reserve_tokens=tokens,
-                )
+            admit(
+                request_id=request_id,
+                tenant=who,
+                deployment=self.deployment,
+                deadline_s=deadline_s,
+                tokens=tokens,
             )
         except SluiceError as refused:
             self.last_refusal = refused
@@ -122,7 +69,7 @@ def desk(clean_redis):
 class CapacityTestCase:
     def test_it_refuses_beyond_capacity_with_a_retry_after(self, desk):
         desk = desk(capacity=2)
-        high = tenant(1, priority="high")
+        high = tenant_entry(1, priority="high")
         assert desk.ask(high).startswith("r")
         assert desk.ask(high).startswith("r")
         assert desk.ask(high) == "queue_full"
@@ -134,7 +81,7 @@ class CapacityTestCase:
 
     def test_it_admits_again_once_a_request_finishes(self, desk):
         desk = desk(capacity=1)
-        high = tenant(1, priority="high")
+        high = tenant_entry(1, priority="high")
         first = desk.ask(high)
         assert desk.ask(high) == "queue_full"
         desk.finish(first, high)
@@ -143,7 +90,7 @@ class CapacityTestCase:
     def test_an_expired_lease_frees_its_capacity_by_itself(self, desk):
         # A gateway or worker that dies never releases; the lease's deadline does.
         desk = desk(capacity=1)
-        high = tenant(1, priority="high")
+        high = tenant_entry(1, priority="high")
         desk.ask(high, deadline_s=0.2)
         assert desk.ask(high) == "queue_full"
         time.sleep(0.25)
@@ -151,7 +98,7 @@ class CapacityTestCase:
 
     def test_retry_after_follows_the_measured_drain_rate(self, desk):
         desk = desk(capacity=1)
-        high = tenant(1, priority="high")
+        high = tenant_entry(1, priority="high")
         # 20 completions a second ago: a drain rate of 2/s over the 10 s window.
         drain = protocol.drain_prefix("d") + str(int(time.time()) - 1)
         get_redis().set(drain, 20, ex=30)
@@ -167,8 +114,8 @@ class CapacityTestCase:
 class PriorityTestCase:
     def test_it_sheds_low_priority_first_and_high_priority_last(self, desk):
         desk = desk(capacity=8)
-        low, normal = tenant(1, priority="low"), tenant(2, priority="normal")
-        high = tenant(3, priority="high", fair_share_weight=100)
+        low, normal = tenant_entry(1, priority="low"), tenant_entry(2, priority="normal")
+        high = tenant_entry(3, priority="high", fair_share_weight=100)
         # Low priority stops at 75% of the capacity (6 of 8).
         admitted_low = [desk.ask(low) for _ in range(8)]
         assert sum(code.startswith("r") for code in admitted_low) <= 6
@@ -181,7 +128,7 @@ class PriorityTestCase:
 class FairShareTestCase:
     def test_a_flooding_tenant_cannot_crowd_out_another(self, desk):
         desk = desk(capacity=8)
-        alpha, beta = tenant(1, priority="high"), tenant(2, priority="high")
+        alpha, beta = tenant_entry(1, priority="high"), tenant_entry(2, priority="high")
         held = [desk.ask(alpha) for _ in range(8)]
         assert all(code.startswith("r") for code in held)  # alone, alpha may use it all
         assert desk.ask(beta) == "queue_full"  # full: beta must wait for a slot ...
@@ -195,8 +142,8 @@ class FairShareTestCase:
 
     def test_shares_follow_the_plan_weights(self, desk):
         desk = desk(capacity=12)
-        heavy = tenant(1, priority="high", fair_share_weight=2)
-        light = tenant(2, priority="high", fair_share_weight=1)
+        heavy = tenant_entry(1, priority="high", fair_share_weight=2)
+        light = tenant_entry(2, priority="high", fair_share_weight=1)
         assert desk.ask(light).startswith("r")  # light is asking too
         admitted = [desk.ask(heavy) for _ in range(12)]
         # heavy's share is 2/3 of 12 = 8; light holds 1 and may take up to 4.

@@ -6,7 +6,6 @@ faults), Redis, and the gateway's own admission script.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -16,10 +15,10 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from gateway import admission
-from gateway.catalog import DeploymentEntry, KeyEntry, TenantEntry
 from sluice.errors import SluiceError
-from sluice.redisconn import get_async_redis, get_redis
-from tenants.models import Limits
+from sluice.redisconn import get_redis
+from tests import entries
+from tests.entries import deployment_entry, tenant_entry
 from tests.upstream_server import UpstreamServer
 from workers import breaker, protocol
 from workers.backends.base import (
@@ -286,66 +285,16 @@ class UpstreamStreamingTestCase:
 
 # --- the circuit breaker, seen from the gateway -----------------------------------------
 
-LIMITS = Limits(
-    requests_per_minute=6000,
-    tokens_per_minute=10_000_000,
-    monthly_token_budget=10**12,
-    max_tokens_cap=1024,
-    priority="normal",
-    fair_share_weight=1,
-)
-
 
 def admit(slug: str, config: dict[str, Any], request_id: str) -> admission.Admission:
     """Run the gateway's real admission script for one request to deployment `slug`."""
-    ident = uuid.uuid4().int % 10**9
-    key = KeyEntry(
-        id=ident,
-        prefix=f"pfx{ident}",
-        secret_hash="unused",
-        tenant_id=ident,
-        scopes=frozenset(),
-        expires_at=None,
-        revoked_at=None,
+    tenant = tenant_entry(uuid.uuid4().int % 10**9, deployments=(slug,))
+    return entries.admit(
+        request_id=request_id,
+        tenant=tenant,
+        deployment=deployment_entry(slug, config=config),
+        deadline_s=30.0,
     )
-    tenant = TenantEntry(
-        id=ident,
-        slug=f"tenant-{ident}",
-        active=True,
-        limits=LIMITS,
-        deployments=frozenset({slug}),
-        prompt_apis=frozenset(),
-    )
-    deployment = DeploymentEntry(
-        id=1,
-        slug=slug,
-        task="chat",
-        enabled=True,
-        capacity=16,
-        max_batch_size=1,
-        default_deadline_s=30.0,
-        queue_name=f"deploy.{slug}",
-        config=config,
-        created=int(time.time()),
-    )
-
-    async def run() -> admission.Admission:
-        try:
-            return await admission.admit(
-                request_id=request_id,
-                key=key,
-                tenant=tenant,
-                deployment=deployment,
-                deadline_ms=protocol.now_ms() + 30_000,
-                reserve_tokens=10,
-            )
-        finally:
-            # Each asyncio.run has its own loop, hence its own client: close it with it.
-            client = get_async_redis()
-            await client.aclose()
-            await client.connection_pool.disconnect()
-
-    return asyncio.run(run())
 
 
 def refusal(slug: str, config: dict[str, Any], request_id: str) -> SluiceError:
