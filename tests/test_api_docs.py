@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.support import assert_error
@@ -28,6 +30,18 @@ def test_swagger_ui_is_served(api, alpha, alice):
     response = api.as_user(alice).get("/api/docs/")
     assert response.status_code == 200
     assert b"swagger" in response.content.lower()
+
+
+def test_swagger_ui_needs_no_internet(api, alpha, alice, settings):
+    # Its scripts come from Sluice's own static files, so the page works offline.
+    from django.contrib.staticfiles import finders
+
+    page = api.as_user(alice).get("/api/docs/").content.decode()
+    scripts = re.findall(r'src="([^"]+)"', page)
+    assert scripts
+    for src in scripts:
+        assert src.startswith("/" + settings.STATIC_URL), src
+        assert finders.find(src.removeprefix("/" + settings.STATIC_URL)), src
 
 
 def test_the_schema_is_public_but_the_api_is_not(api, db):
