@@ -269,3 +269,18 @@ def fixed_deployment(slug: str = "fixed-chat", *, task: str = "chat", **fields) 
         backend_config={"latency_ms": 5, **config},
         **fields,
     )
+
+
+def published_prompt_api(*, tenant, user, slug: str, deployment, **version):
+    """A tenant's prompt-API with one published version, made through the services."""
+    from gateway import services as gateway_services
+
+    actor = Actor(user=user)
+    prompt_api = gateway_services.prompt_api_create(
+        tenant=tenant, slug=slug, name=slug.title(), actor=actor
+    )
+    draft = gateway_services.prompt_api_version_create(
+        prompt_api=prompt_api, actor=actor, deployment=deployment, **version
+    )
+    gateway_services.prompt_api_version_publish(version=draft, actor=actor)
+    return prompt_api

@@ -10,11 +10,9 @@ import httpx
 import openai
 import pytest
 
-from gateway import services as gateway_services
 from gateway.models import ModelDeployment
-from tenants.policy import Actor
 
-from .conftest import fixed_deployment
+from .conftest import fixed_deployment, published_prompt_api
 from .support import assert_error
 
 
@@ -154,13 +152,11 @@ class ModelsTestCase:
 
 @pytest.fixture
 def summarize(chat, alpha, alice):
-    actor = Actor(user=alice)
-    prompt_api = gateway_services.prompt_api_create(
-        tenant=alpha, slug="summarize", name="Summarize", actor=actor
-    )
-    version = gateway_services.prompt_api_version_create(
-        prompt_api=prompt_api,
-        actor=actor,
+    return published_prompt_api(
+        tenant=alpha,
+        user=alice,
+        slug="summarize",
+        deployment=chat,
         messages=[{"role": "user", "content": "Summarize: {{text}}"}],
         input_schema={
             "type": "object",
@@ -168,11 +164,8 @@ def summarize(chat, alpha, alice):
             "required": ["text"],
             "additionalProperties": False,
         },
-        deployment=chat,
         parameters={"max_tokens": 8},
     )
-    gateway_services.prompt_api_version_publish(version=version, actor=actor)
-    return prompt_api
 
 
 class PromptApiTestCase:

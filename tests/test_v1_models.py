@@ -10,11 +10,11 @@ import httpx
 import openai
 import pytest
 
-from gateway import services as gateway_services
 from gateway.models import ModelDeployment
-from tenants.policy import Actor
 from workers.runtime import DeploymentSpec
 from workers.service import WorkerService
+
+from .conftest import published_prompt_api
 
 CHAT = {
     "slug": "smollm2-135m-instruct",
@@ -115,23 +115,19 @@ class RealChatTestCase:
         assert "context" in raised.value.message
 
     def test_a_prompt_api_runs_on_the_model(self, client, alpha, alice, dataplane):
-        actor = Actor(user=alice)
-        prompt_api = gateway_services.prompt_api_create(
-            tenant=alpha, slug="capital", name="Capital", actor=actor
-        )
-        version = gateway_services.prompt_api_version_create(
-            prompt_api=prompt_api,
-            actor=actor,
+        published_prompt_api(
+            tenant=alpha,
+            user=alice,
+            slug="capital",
+            deployment=ModelDeployment.objects.get(slug="smollm2-135m-instruct"),
             messages=[{"role": "user", "content": "What is the capital of {{country}}? One word."}],
             input_schema={
                 "type": "object",
                 "properties": {"country": {"type": "string"}},
                 "required": ["country"],
             },
-            deployment=ModelDeployment.objects.get(slug="smollm2-135m-instruct"),
             parameters={"max_tokens": 8, "temperature": 0},
         )
-        gateway_services.prompt_api_version_publish(version=version, actor=actor)
         reply = httpx.post(
             f"{dataplane}/v1/apis/capital",
             json={"inputs": {"country": "France"}},
