@@ -110,15 +110,17 @@ def decode(fields: Mapping[bytes | str, bytes | str]) -> CallRecord:
         raise MalformedRecord(str(exc)) from None
 
 
+def _xadd(client, record: CallRecord):
+    """XADD the record with a sync or an async client (the latter returns an awaitable)."""
+    return client.xadd(
+        protocol.calllog_stream(), encode(record), maxlen=MAX_STREAM_LENGTH, approximate=True
+    )
+
+
 async def append(record: CallRecord) -> None:
     """Append a record to the call-log stream (async views). Logs a Redis error, never raises."""
     try:
-        await get_async_redis().xadd(
-            protocol.calllog_stream(),
-            encode(record),
-            maxlen=MAX_STREAM_LENGTH,
-            approximate=True,
-        )
+        await _xadd(get_async_redis(), record)
     except redis.RedisError as exc:
         _lost(record, exc)
 
@@ -126,12 +128,7 @@ async def append(record: CallRecord) -> None:
 def append_sync(record: CallRecord) -> None:
     """Append a record to the call-log stream (sync code). Logs a Redis error, never raises."""
     try:
-        get_redis().xadd(
-            protocol.calllog_stream(),
-            encode(record),
-            maxlen=MAX_STREAM_LENGTH,
-            approximate=True,
-        )
+        _xadd(get_redis(), record)
     except redis.RedisError as exc:
         _lost(record, exc)
 
