@@ -57,7 +57,9 @@ def ms_per_token(tenant: TenantEntry) -> float:
     return 60_000 / max(1, tenant.limits.tokens_per_minute)
 
 
-def admission_keys(key: KeyEntry, tenant: TenantEntry, deployment: DeploymentEntry) -> list[str]:
+def admission_keys(
+    key: KeyEntry, tenant: TenantEntry, deployment: DeploymentEntry, month: str
+) -> list[str]:
     slug = deployment.slug
     return [
         protocol.leases(slug),
@@ -66,7 +68,7 @@ def admission_keys(key: KeyEntry, tenant: TenantEntry, deployment: DeploymentEnt
         protocol.weights(slug),
         protocol.rate_bucket(key.id),
         protocol.tokens_bucket(tenant.id),
-        protocol.budget(tenant.id, protocol.current_month()),
+        protocol.budget(tenant.id, month),
         protocol.reservations(tenant.id),
         protocol.reservation_amounts(tenant.id),
         protocol.breaker(slug),
@@ -74,6 +76,7 @@ def admission_keys(key: KeyEntry, tenant: TenantEntry, deployment: DeploymentEnt
         protocol.deny_tenant(tenant.id),
         protocol.breaker_failures(slug),
         protocol.breaker_probe(slug),
+        protocol.priority_demand(slug),
     ]
 
 
@@ -99,6 +102,7 @@ async def admit(
     """Admit the request or raise the SluiceError that says why not (429 / 503 / 401)."""
     limits = tenant.limits
     now = protocol.now_ms()
+    month = protocol.current_month(now)
     args = [
         now,
         request_id,
@@ -111,7 +115,7 @@ async def admit(
         limits.tokens_per_minute,
         limits.monthly_token_budget,
         reserve_tokens,
-        protocol.current_month(),
+        month,
         budget_prefix(tenant.id),
         protocol.drain_prefix(deployment.slug),
         1 if settings.ADMISSION_ENFORCE_CAPACITY else 0,
@@ -119,7 +123,7 @@ async def admit(
     ]
     client = get_async_redis()
     verdict, wait_ms, remaining, in_use, reset_ms = await _script(client)(
-        keys=admission_keys(key, tenant, deployment), args=args
+        keys=admission_keys(key, tenant, deployment, month), args=args
     )
     verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
     rate = rate_headers(limits.requests_per_minute, int(remaining), int(reset_ms))

@@ -250,6 +250,9 @@ class Call:
     # Set once a streaming response owns the rest of the call (see detach()).
     detached: bool = False
     _stream_id: str = "0-0"
+    # From the moment the admit script may have run until a refusal says it wrote nothing:
+    # a disconnect or a lost reply in between must still release the lease it may hold.
+    _may_hold: bool = False
     _settled: bool = False
     _logged: bool = False
 
@@ -270,14 +273,30 @@ class Call:
         self.deployment = deployment
         self.deadline_ms = deadline_ms
         tenant = self.caller.tenant
-        self.admitted = await admission.admit(
-            request_id=self.request_id,
-            key=self.caller.key,
-            tenant=tenant,
-            deployment=deployment,
-            deadline_ms=deadline_ms,
-            reserve_tokens=reserve_tokens,
-        )
+        per_minute = tenant.limits.tokens_per_minute
+        if reserve_tokens > per_minute:
+            raise SluiceError(
+                errors.INVALID_REQUEST,
+                f"This request may use up to {reserve_tokens:,} tokens (its prompt plus "
+                f"max_tokens), more than tenant '{tenant.slug}' may use in a minute "
+                f"({per_minute:,}), so it could never be admitted. Lower max_tokens or "
+                "shorten the input, or ask for a higher limit (POST /api/access-requests/ "
+                "with kind raise_quota).",
+                param="max_tokens",
+            )
+        self._may_hold = True
+        try:
+            self.admitted = await admission.admit(
+                request_id=self.request_id,
+                key=self.caller.key,
+                tenant=tenant,
+                deployment=deployment,
+                deadline_ms=deadline_ms,
+                reserve_tokens=reserve_tokens,
+            )
+        except SluiceError:
+            self._may_hold = False  # refused: the script wrote nothing
+            raise
         message: protocol.InferenceMessage = {
             "request_id": self.request_id,
             "deployment": deployment.slug,
@@ -295,7 +314,8 @@ class Call:
             )
         except (redis.RedisError, OSError) as exc:
             logger.warning("could not enqueue %s: %s", self.request_id, exc)
-            await self.release(cancel=False)
+            # The message may have gone out with only its reply lost: cancel it too.
+            await self.release(cancel=True)
             raise SluiceError(
                 errors.BROKER_UNAVAILABLE,
                 "The work queue cannot be reached right now; nothing was charged. Retry shortly.",
@@ -319,12 +339,20 @@ class Call:
         """
         client = get_async_redis()
         stream = protocol.reply_stream(self.request_id)
+        last_look = False
         while True:
             left_ms = self.deadline_ms - protocol.now_ms()
-            if left_ms <= 0:
-                await self.release(cancel=True)
+            if last_look:
                 raise self.deadline_error()
-            reply = await client.xread({stream: self._stream_id}, block=min(left_ms, READ_BLOCK_MS))
+            if left_ms <= 0:
+                if await self.release(cancel=True):
+                    raise self.deadline_error()
+                # The worker settled as the deadline passed, so it was charged: its answer
+                # is on the stream (written with the settlement); read what is there.
+                last_look = True
+            reply = await client.xread(
+                {stream: self._stream_id}, block=None if last_look else min(left_ms, READ_BLOCK_MS)
+            )
             for _name, entries in reply or ():
                 for entry_id, fields in entries:
                     self._stream_id = entry_id
@@ -367,9 +395,13 @@ class Call:
     # --- ending ---
 
     async def release(self, *, cancel: bool) -> None:
-        """Refund and free the lease of a request the client will not get (idempotent)."""
-        if self._settled or self.admitted is None or self.caller is None:
-            return
+        """Refund and free the lease of a request the client will not get (idempotent).
+
+        Returns False when the settle script found the request already settled (its worker
+        finished it just now), True otherwise.
+        """
+        if self._settled or not self._may_hold or self.caller is None:
+            return True
         self._settled = True
         assert self.deployment is not None
         tenant = self.caller.tenant
@@ -393,10 +425,12 @@ class Call:
                         px=max(1000, self.deadline_ms - protocol.now_ms()) + 60_000,
                     )
                 pipe.eval(settlement.SETTLE, len(keys), *keys, *args)
-                await pipe.execute()
+                reserved = (await pipe.execute())[-1]
         except (redis.RedisError, OSError):
             # The lease and the reservation expire at the deadline on their own.
             logger.warning("could not release %s", self.request_id, exc_info=True)
+            return True
+        return int(reserved) != -1
 
     def fail(self, error: SluiceError) -> None:
         self.status_code = error.error.status

@@ -9,6 +9,7 @@ call, enqueues in one more and awaits the reply stream.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -140,6 +141,7 @@ async def _stream_response(
     """
 
     async def body() -> AsyncIterator[bytes]:
+        response.started = True
         try:
             event = first
             while True:
@@ -168,12 +170,38 @@ async def _stream_response(
         finally:
             await call.log()
 
-    response = StreamingHttpResponse(body(), content_type="text/event-stream")
+    response = _EventStream(call, body())
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass events on as they come
     for name, value in call.headers().items():
         response[name] = value
     return response
+
+
+class _EventStream(StreamingHttpResponse):
+    """The SSE response; from here on the body owns the call (Call.detach()).
+
+    Should the client leave before the body starts (while the status line goes out, say),
+    Django closes the response without ever running the body: close() then gives the lease
+    and the reservation back and logs the call, which the body would have done.
+    """
+
+    def __init__(self, call: Call, body: AsyncIterator[bytes]) -> None:
+        super().__init__(body, content_type="text/event-stream")
+        self.call = call
+        self.started = False
+        self._loop = asyncio.get_running_loop()
+
+    def close(self) -> None:
+        super().close()  # Django calls this from a worker thread (sync_to_async)
+        if not self.started:
+            asyncio.run_coroutine_threadsafe(self._never_sent(), self._loop)
+
+    async def _never_sent(self) -> None:
+        try:
+            await self.call.client_gone()
+        finally:
+            await self.call.log()
 
 
 class _GenerationView(DataPlaneView):

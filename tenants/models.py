@@ -33,16 +33,22 @@ class Plan(models.Model):
     slug = models.SlugField(max_length=50, unique=True)
     description = models.TextField(blank=True)
     requests_per_minute = models.PositiveIntegerField(
-        default=60, help_text="Requests per minute allowed for each API key."
+        default=60,
+        validators=[MinValueValidator(1)],
+        help_text="Requests per minute allowed for each API key.",
     )
     tokens_per_minute = models.PositiveIntegerField(
-        default=100_000, help_text="Prompt plus completion tokens per minute for the tenant."
+        default=100_000,
+        validators=[MinValueValidator(1)],
+        help_text="Prompt plus completion tokens per minute for the tenant.",
     )
     monthly_token_budget = models.PositiveBigIntegerField(
         default=10_000_000, help_text="Tokens the tenant may spend per calendar month (UTC)."
     )
     max_tokens_cap = models.PositiveIntegerField(
-        default=1024, help_text="The largest max_tokens a single request may ask for."
+        default=1024,
+        validators=[MinValueValidator(1)],
+        help_text="The largest max_tokens a single request may ask for.",
     )
     priority = models.CharField(max_length=10, choices=Priority.choices, default=Priority.NORMAL)
     fair_share_weight = models.PositiveSmallIntegerField(
@@ -122,10 +128,16 @@ class QuotaOverride(models.Model):
     """Limits raised for one tenant by an approved quota request; empty fields use the plan."""
 
     tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="quota_override")
-    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
-    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
     monthly_token_budget = models.PositiveBigIntegerField(null=True, blank=True)
-    max_tokens_cap = models.PositiveIntegerField(null=True, blank=True)
+    max_tokens_cap = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     def __str__(self) -> str:

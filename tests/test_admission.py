@@ -96,6 +96,17 @@ class CapacityTestCase:
         time.sleep(0.25)
         assert desk.ask(high).startswith("r")
 
+    def test_a_short_lease_does_not_shorten_the_life_of_a_long_one(self, desk):
+        desk = desk(capacity=4)
+        high = tenant_entry(1, priority="high")
+        desk.ask(high, deadline_s=3600)
+        desk.ask(high, deadline_s=1)
+        for name in (
+            protocol.leases(desk.deployment.slug),
+            protocol.tenant_leases(desk.deployment.slug, high.id),
+        ):
+            assert get_redis().pttl(name) > 3600 * 1000
+
     def test_retry_after_follows_the_measured_drain_rate(self, desk):
         desk = desk(capacity=1)
         high = tenant_entry(1, priority="high")
@@ -114,15 +125,31 @@ class CapacityTestCase:
 class PriorityTestCase:
     def test_it_sheds_low_priority_first_and_high_priority_last(self, desk):
         desk = desk(capacity=8)
-        low, normal = tenant_entry(1, priority="low"), tenant_entry(2, priority="normal")
-        high = tenant_entry(3, priority="high", fair_share_weight=100)
-        # Low priority stops at 75% of the capacity (6 of 8).
+        high = tenant_entry(1, priority="high")
+        # Weights so large that fair shares do not bind: only the priority classes do.
+        low = tenant_entry(2, priority="low", fair_share_weight=1000)
+        normal = tenant_entry(3, priority="normal")
+        first = desk.ask(high)  # a high-priority tenant is asking ...
+        desk.finish(first, high)
+        # ... so low priority stops at 75% of the capacity (6 of 8) ...
         admitted_low = [desk.ask(low) for _ in range(8)]
-        assert sum(code.startswith("r") for code in admitted_low) <= 6
-        assert "queue_full" in admitted_low
-        # The high-priority tenant still gets the rest.
+        assert sum(code.startswith("r") for code in admitted_low) == 6
+        assert admitted_low[-1] == "queue_full"
+        # ... the high-priority tenant still gets in ...
         assert desk.ask(high).startswith("r")
-        assert desk.ask(normal) == "queue_full"  # normal stops at 90% (7 of 8)
+        # ... and normal priority stops at 90% (7 of 8).
+        assert desk.ask(normal) == "queue_full"
+        assert desk.in_use() == 7
+
+    @pytest.mark.parametrize("priority", ["normal", "low"])
+    @pytest.mark.parametrize("capacity", [2, 8])
+    def test_a_lower_class_alone_may_fill_the_whole_capacity(self, desk, priority, capacity):
+        # The headroom is kept for a higher class only while one is asking.
+        desk = desk(capacity=capacity)
+        alone = tenant_entry(1, priority=priority)
+        admitted = [desk.ask(alone) for _ in range(capacity)]
+        assert all(code.startswith("r") for code in admitted)
+        assert desk.ask(alone) == "queue_full"
 
 
 class FairShareTestCase:
@@ -139,6 +166,17 @@ class FairShareTestCase:
             assert desk.ask(beta).startswith("r")
         assert desk.ask(alpha) == "queue_full"
         assert desk.ask(beta) == "queue_full"
+
+    def test_equal_shares_leave_no_slot_idle(self, desk):
+        # Three equal tenants on 8 slots: shares of 8/3 are rounded up, not down to 2 each.
+        desk = desk(capacity=8)
+        tenants = [tenant_entry(n, priority="high") for n in (1, 2, 3)]
+        refusals_in_a_row = 0
+        while refusals_in_a_row < len(tenants):
+            for who in tenants:
+                refused = desk.ask(who) == "queue_full"
+                refusals_in_a_row = refusals_in_a_row + 1 if refused else 0
+        assert desk.in_use() == 8
 
     def test_shares_follow_the_plan_weights(self, desk):
         desk = desk(capacity=12)
@@ -205,8 +243,9 @@ class SaturationTestCase:
             ),
             daemon=True,
         ).start()
-        wait_until(lambda: get_redis().zcard(protocol.leases("slow-chat")) == 1)
         queue = f"{settings.DRAMATIQ_NAMESPACE}:deploy.slow-chat"
+        # The first request is admitted, then enqueued: wait for its message.
+        wait_until(lambda: get_redis().hlen(queue + ".msgs") == 1)
         before = get_redis().hlen(queue + ".msgs")
         for _ in range(5):
             with pytest.raises(openai.InternalServerError):

@@ -78,3 +78,45 @@ class MicroBatcherTestCase:
         finally:
             batcher.stop()
         assert backend.sizes == [2]
+
+
+class Miscounting(Recorder):
+    """A faulty backend: one result short for any batch of more than one."""
+
+    def run_batch(self, requests):
+        return super().run_batch(requests)[: max(1, len(requests) - 1)]
+
+
+class FaultyBackendTestCase:
+    def test_a_wrong_number_of_results_fails_that_batch_and_the_batcher_goes_on(self):
+        backend = Miscounting()
+        held = {"count": 2}
+        batcher = MicroBatcher(
+            backend,
+            max_batch_size=2,
+            max_wait_ms=LONG_WINDOW_MS,
+            name="t",
+            in_hand=lambda: held["count"],
+        )
+        errors: list[BaseException] = []
+
+        def run(name: str) -> None:
+            try:
+                batcher.run(request(name), timeout=5)
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(f"r{i}",)) for i in range(2)]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=10)
+            assert backend.sizes == [2]
+            assert len(errors) == 2
+            assert "returned 1 results for 2 requests" in str(errors[0])
+            # The batcher thread survived: the next request is served.
+            held["count"] = 1
+            assert batcher.run(request("after"), timeout=5).text == "after"
+        finally:
+            batcher.stop()

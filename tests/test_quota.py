@@ -83,6 +83,19 @@ class ReservationTestCase:
         assert budget(alpha)["reserved"] == 0
         assert get_redis().zcard(protocol.leases("fixed-chat")) == 0
 
+    def test_a_request_larger_than_a_minute_of_tokens_is_refused_outright(
+        self, chat, client, alpha
+    ):
+        # It could never pass the tokens-per-minute limit: no Retry-After would be true.
+        alpha.plan.tokens_per_minute = PER_REQUEST - 1
+        alpha.plan.save(update_fields=["tokens_per_minute"])
+        with pytest.raises(openai.BadRequestError) as refused:
+            ask(client)
+        assert refused.value.code == "invalid_request"
+        assert refused.value.param == "max_tokens"
+        assert "could never be admitted" in refused.value.message
+        assert budget(alpha).get("reserved", 0) == 0
+
     def test_a_refused_request_reserves_nothing(self, chat, client, alpha):
         alpha.plan.monthly_token_budget = PER_REQUEST - 1
         alpha.plan.save(update_fields=["monthly_token_budget"])

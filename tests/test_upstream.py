@@ -20,7 +20,7 @@ from sluice.redisconn import get_redis
 from tests import entries
 from tests.entries import deployment_entry, tenant_entry
 from tests.upstream_server import UpstreamServer
-from workers import breaker, protocol
+from workers import breaker, protocol, settlement
 from workers.backends.base import (
     BackendError,
     BackendRequest,
@@ -379,3 +379,21 @@ class CircuitBreakerTestCase:
             call(backend, probe)
         assert breaker.state(slug, threshold=2) == "open"
         assert refusal(slug, config, "next").error.code == "upstream_unavailable"
+
+    def test_a_probe_that_never_reaches_the_upstream_hands_the_circuit_on(
+        self, upstream, backend, slug, config
+    ):
+        # Its client left, or its deadline passed in the queue: it is settled unrun.
+        self.trip(upstream, backend, slug)
+        wait_until(lambda: breaker.state(slug, threshold=2) == "half_open")
+        admit(slug, config, "probe-gone")
+        assert refusal(slug, config, "waiting").error.code == "upstream_unavailable"
+        settlement.settle(
+            request_id="probe-gone",
+            tenant_id=0,
+            deployment=slug,
+            tokens=0,
+            ms_per_token=0,
+            completed=False,
+        )
+        admit(slug, config, "next-probe")  # admitted: no exception

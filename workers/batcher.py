@@ -121,12 +121,17 @@ class MicroBatcher:
             self.items += len(live)
             try:
                 results = self.backend.run_batch([item.request for item in live])
+                if len(results) != len(live):
+                    raise RuntimeError(
+                        f"{type(self.backend).__name__}.run_batch returned {len(results)} "
+                        f"results for {len(live)} requests"
+                    )
             except BaseException as exc:  # one bad batch must not kill the batcher thread
                 logger.exception("batch of %d failed", len(live))
                 for item in live:
                     item.future.set_exception(exc)
                 continue
-            for item, result in zip(live, results, strict=True):
+            for item, result in zip(live, results, strict=True):  # lengths checked above
                 if isinstance(result, BaseException):
                     item.future.set_exception(result)
                 else:

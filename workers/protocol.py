@@ -90,6 +90,12 @@ def weights(deployment: str) -> str:
     return key("weights", deployment)
 
 
+def priority_demand(deployment: str) -> str:
+    """HASH priority class (0 high, 1 normal, 2 low) -> last time it asked (ms): lower
+    classes leave headroom only while a higher one is asking."""
+    return key("demand", deployment, "priority")
+
+
 def drain_prefix(deployment: str) -> str:
     """Per-second completion counters: <prefix><epoch second> -> completions."""
     return key("drain", deployment) + ":"
@@ -153,5 +159,6 @@ def workers_index() -> str:
     return key("workers")
 
 
-def current_month() -> str:
-    return time.strftime("%Y%m", time.gmtime())
+def current_month(at_ms: int | None = None) -> str:
+    """The budget month (UTC) of `at_ms`, or of now."""
+    return time.strftime("%Y%m", time.gmtime(None if at_ms is None else at_ms / 1000))

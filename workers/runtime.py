@@ -67,6 +67,16 @@ class DeploymentSpec:
         )
 
 
+class RetryLater(Exception):
+    """Raised by the actor once it has decided to retry a transient failure, so that
+    Dramatiq's Retries middleware (retry_when=_retry_decided) acts on that one decision
+    rather than deciding again, a moment later, against the clock."""
+
+
+def _retry_decided(retries: int, exception: BaseException) -> bool:
+    return isinstance(exception, RetryLater)
+
+
 def should_retry(retries: int, exception: BaseException) -> bool:
     if not isinstance(exception, TransientBackendError) or retries >= MAX_RETRIES:
         return False
@@ -161,7 +171,7 @@ class DeploymentRuntime:
             max_retries=MAX_RETRIES,
             min_backoff=MIN_BACKOFF_MS,
             max_backoff=MAX_BACKOFF_MS,
-            retry_when=should_retry,
+            retry_when=_retry_decided,
         )
         return self.actor
 
@@ -221,7 +231,7 @@ class DeploymentRuntime:
             # A stream that has begun cannot be replayed without repeating itself.
             if not writer.started and should_retry(_retries(), exc):
                 logger.warning("retrying %s after a transient failure: %s", request_id, exc)
-                raise
+                raise RetryLater(str(exc)) from exc
             self._fail(message, writer, "upstream_unavailable", str(exc), status=503)
             raise BackendError(str(exc)) from exc
         except BackendError as exc:

@@ -24,6 +24,7 @@ def settle_keys(deployment: str, tenant_id: int) -> list[str]:
         protocol.reservations(tenant_id),
         protocol.reservation_amounts(tenant_id),
         protocol.tokens_bucket(tenant_id),
+        protocol.breaker_probe(deployment),
     ]
 
 

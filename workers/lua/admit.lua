@@ -8,6 +8,7 @@
 --      10 breaker (exists while the upstream circuit is open)
 --      11 deny flag of the key                  12 deny flag of the tenant
 --      13 consecutive upstream failures          14 half-open probe holder
+--      15 priority demand (HASH class -> last ask ms)
 -- ARGV  1 now_ms  2 request_id  3 deadline_ms  4 tenant_id  5 weight
 --       6 priority (0 high, 1 normal, 2 low)  7 capacity  8 requests per minute
 --       9 tokens per minute  10 monthly budget  11 tokens to reserve  12 month (yyyymm)
@@ -33,6 +34,11 @@ local drain_prefix = ARGV[14]
 local enforce = ARGV[15] == '1'
 local threshold = tonumber(ARGV[16])
 local WINDOW = 60000
+-- How long an ask counts as present demand, for fair shares and priority headroom.
+local RECENT = 5000
+-- Limits below 1 cannot be configured (validators); read them as 1 rather than divide by 0.
+rpm = math.max(rpm, 1)
+tpm = math.max(tpm, 1)
 
 if redis.call('EXISTS', KEYS[11]) == 1 then return {'invalid_api_key', 0, 0, 0, 0} end
 if redis.call('EXISTS', KEYS[12]) == 1 then return {'tenant_suspended', 0, 0, 0, 0} end
@@ -75,7 +81,10 @@ for _, old in ipairs(expired) do
   local entry = redis.call('HGET', KEYS[9], old)
   if entry then
     local old_month, amount = string.match(entry, '^(%d+):(%d+)$')
-    redis.call('HINCRBY', budget_prefix .. old_month, 'reserved', -tonumber(amount))
+    -- (A month whose key has expired is long over: nothing to give back there.)
+    if redis.call('EXISTS', budget_prefix .. old_month) == 1 then
+      redis.call('HINCRBY', budget_prefix .. old_month, 'reserved', -tonumber(amount))
+    end
     redis.call('HDEL', KEYS[9], old)
   end
   redis.call('ZREM', KEYS[8], old)
@@ -95,14 +104,20 @@ if enforce then
   local mine = redis.call('ZCARD', KEYS[2])
   redis.call('ZADD', KEYS[3], now, tenant)
   redis.call('HSET', KEYS[4], tenant, weight)
+  redis.call('HSET', KEYS[15], priority, now)
   redis.call('PEXPIRE', KEYS[3], 60000)
   redis.call('PEXPIRE', KEYS[4], 60000)
+  redis.call('PEXPIRE', KEYS[15], 60000)
 
-  -- Lower priorities stop short of the full capacity, so they are shed first.
+  -- Lower priorities stop short of the full capacity while a higher class is asking, so
+  -- they are shed first; with no higher class about, they may fill it.
+  local function asking(class)
+    return now - tonumber(redis.call('HGET', KEYS[15], class) or 0) < RECENT
+  end
   local limit = capacity
-  if priority == 2 then
+  if priority == 2 and (asking(0) or asking(1)) then
     limit = math.max(1, math.floor(capacity * 0.75))
-  elseif priority == 1 then
+  elseif priority == 1 and asking(0) then
     limit = math.max(1, math.floor(capacity * 0.9))
   end
   local excess = 0
@@ -111,12 +126,14 @@ if enforce then
     excess = in_use - limit + 1
   elseif in_use * 2 >= capacity then
     -- Contention: a tenant may hold at most its weight's share among those asking now.
-    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 5000)
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - RECENT)
     local total = 0
     for _, t in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
       total = total + tonumber(redis.call('HGET', KEYS[4], t) or 1)
     end
-    local share = math.max(1, math.floor(capacity * weight / math.max(total, weight)))
+    -- Rounded up, so that equal shares cover the whole capacity (3 tenants on 8: 3 each,
+    -- not 2 each with 2 slots idle); the capacity itself still caps the total.
+    local share = math.max(1, math.ceil(capacity * weight / math.max(total, weight)))
     if mine >= share then
       excess = mine - share + 1
       if in_use > 0 then own_share = math.max(mine, 1) / in_use end
@@ -145,9 +162,11 @@ if enforce then
   end
   redis.call('ZADD', KEYS[1], deadline, rid)
   redis.call('ZADD', KEYS[2], deadline, rid)
+  -- The sets outlive their longest lease: a short lease never shortens their life.
   local keep = math.max(1000, deadline - now) + 60000
-  redis.call('PEXPIRE', KEYS[1], keep)
-  redis.call('PEXPIRE', KEYS[2], keep)
+  for i = 1, 2 do
+    if redis.call('PTTL', KEYS[i]) < keep then redis.call('PEXPIRE', KEYS[i], keep) end
+  end
   in_use = in_use + 1
 end
 
