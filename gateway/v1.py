@@ -21,7 +21,6 @@ from typing import Any
 from adrf.views import APIView
 from django.http import HttpRequest, StreamingHttpResponse
 from rest_framework.negotiation import DefaultContentNegotiation
-from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -29,6 +28,7 @@ from rest_framework.response import Response
 from sluice import errors
 from sluice.errors import SluiceError
 from sluice.middleware import new_request_id
+from sluice.parsers import SluiceJSONParser
 
 from . import dataplane, prompts
 from .dataplane import Call, guarded
@@ -57,7 +57,7 @@ class DataPlaneView(APIView):
     authentication_classes = ()
     permission_classes = ()
     throttle_classes = ()
-    parser_classes = (JSONParser,)
+    parser_classes = (SluiceJSONParser,)
     renderer_classes = (JSONRenderer,)
     content_negotiation_class = AnyAccept
     endpoint = ""
