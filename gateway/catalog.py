@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonschema
 import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -32,11 +31,20 @@ from sluice.redisconn import get_async_redis, invalidation_channel
 from tenants.models import ApiKey, Limits, Subscription, Tenant
 from workers.breaker import DEFAULT_FAILURE_THRESHOLD
 
-from .models import ModelDeployment, PromptApi, PromptApiVersion
+from . import prompts
+from .models import MODEL_NAME, ModelDeployment, PromptApi, PromptApiVersion
 
 logger = logging.getLogger(__name__)
 
 _PRIORITY = {"high": 0, "normal": 1, "low": 2}
+# Entries held at most (each a few hundred bytes): far above any real catalog's rows.
+MAX_SLOTS = 50_000
+
+
+def _could_be_slug(name: str) -> bool:
+    """Model and prompt-API names share one shape; anything else is not looked up (a NUL
+    in a name, say, which PostgreSQL would refuse with an error)."""
+    return MODEL_NAME.regex.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -135,9 +143,13 @@ class Catalog:
         return await self._get(("tenant", tenant_id), lambda: _load_tenant(tenant_id))
 
     async def deployment(self, slug: str) -> DeploymentEntry | None:
+        if not _could_be_slug(slug):
+            return None
         return await self._get(("deployment", slug), lambda: _load_deployment(slug))
 
     async def prompt_api(self, slug: str) -> PromptApiEntry | None:
+        if not _could_be_slug(slug):
+            return None
         return await self._get(("prompt_api", slug), lambda: _load_prompt_api(slug))
 
     async def subscribed_deployments(self, tenant: TenantEntry) -> list[DeploymentEntry]:
@@ -155,9 +167,20 @@ class Catalog:
         # requests that wait for a load (sluice/dataplane_asgi.py).
         value = await sync_to_async(_closing(load), thread_sensitive=False)()
         self.loads += 1
-        if generation == self._generation:
+        if generation == self._generation and self._room(now, for_miss=value is None):
             self._slots[slot_key] = _Slot(value, now)
         return value
+
+    def _room(self, now: float, *, for_miss: bool) -> bool:
+        """Whether another slot may be stored. Misses (a made-up key prefix or model name)
+        are cached so they cost the database one query, but callers choose them freely:
+        past MAX_SLOTS, expired slots go first, and then misses are no longer stored."""
+        if len(self._slots) < MAX_SLOTS:
+            return True
+        ttl = settings.CATALOG_TTL_S
+        for name in [name for name, slot in self._slots.items() if now - slot.loaded >= ttl]:
+            del self._slots[name]
+        return len(self._slots) < MAX_SLOTS or not for_miss
 
     # --- invalidation --------------------------------------------------------------
 
@@ -286,8 +309,7 @@ def _load_deployment(slug: str) -> DeploymentEntry | None:
 
 
 def _validator(schema: dict[str, Any]):
-    cls = jsonschema.validators.validator_for(schema)
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+    return prompts.make_validator(schema)
 
 
 def _load_prompt_api(slug: str) -> PromptApiEntry | None:

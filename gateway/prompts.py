@@ -9,9 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 import jsonschema
-from jsonschema.exceptions import SchemaError
+import referencing
+import referencing.jsonschema
+import regex
+from jsonschema.exceptions import SchemaError, ValidationError
+from referencing.exceptions import Unresolvable
 
 from sluice import errors
+from sluice.parsers import problem_in
 
 from .models import TEMPLATE_VARIABLE
 
@@ -30,6 +35,73 @@ def _invalid(message: str, param: str, error: errors.ErrorCode = errors.INVALID_
     return errors.SluiceError(error, message, param=param)
 
 
+# The longest a `pattern` may take on one value. Python's own regular expressions have no
+# time limit, and a pattern such as (a+)+$ takes seconds on 25 characters: long enough to
+# stall a web process for everyone. The `regex` module has a timeout.
+PATTERN_TIMEOUT_S = 0.05
+
+
+def _pattern(validator, pattern: str, instance: Any, schema: dict[str, Any]):
+    """The `pattern` keyword, as jsonschema's, but with a time limit."""
+    if not validator.is_type(instance, "string"):
+        return
+    try:
+        found = regex.search(pattern, instance, timeout=PATTERN_TIMEOUT_S)
+    except TimeoutError:
+        yield ValidationError(f"could not be checked against the pattern {pattern!r} in time")
+        return
+    if found is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def make_validator(schema: dict[str, Any]):
+    """A validator for a stored schema: `$ref`s resolve inside the schema only (nothing is
+    ever fetched), and patterns run with a time limit."""
+    base = jsonschema.validators.validator_for(schema)
+    cls = jsonschema.validators.extend(base, {"pattern": _pattern})
+    return cls(schema, registry=referencing.Registry(), format_checker=base.FORMAT_CHECKER)
+
+
+def schema_errors(validator, value: Any, *, param: str) -> list[ValidationError]:
+    """The validation errors of `value`, in path order. A reference the schema cannot
+    resolve (stored before references were checked) is the prompt-API's fault, said so."""
+    try:
+        return sorted(
+            validator.iter_errors(value), key=lambda error: [str(part) for part in error.path]
+        )
+    except Unresolvable as exc:
+        raise errors.SluiceError(
+            errors.INTERNAL_ERROR,
+            f"This prompt-API's {param} refers to something it does not contain ({exc}); "
+            "its owner must publish a corrected version.",
+        ) from None
+
+
+def _references(schema: Any):
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _keywords(schema: Any, name: str) -> bool:
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if name in node:
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
 def check_json_schema(schema: Any, param: str) -> None:
     """Refuse a JSON Schema that is not itself valid, saying where and why."""
     if not isinstance(schema, dict):
@@ -43,6 +115,35 @@ def check_json_schema(schema: Any, param: str) -> None:
             param,
             errors.INVALID_SCHEMA,
         ) from None
+    if _keywords(schema, "patternProperties"):
+        raise _invalid(
+            f"{param} uses patternProperties, which Sluice does not support (property-name "
+            "patterns cannot be checked in bounded time); list the properties, or use "
+            "propertyNames with a pattern.",
+            param,
+            errors.INVALID_SCHEMA,
+        )
+    dialect = schema.get("$schema")
+    specification = referencing.jsonschema.specification_with(
+        dialect if isinstance(dialect, str) else "", default=referencing.jsonschema.DRAFT202012
+    )
+    resolver = referencing.Registry().resolver_with_root(specification.create_resource(schema))
+    for reference in _references(schema):
+        if not reference.startswith("#"):
+            raise _invalid(
+                f"{param} refers to {reference!r}: only references inside the schema "
+                "(#/$defs/...) are allowed; Sluice never fetches a schema.",
+                param,
+                errors.INVALID_SCHEMA,
+            )
+        try:
+            resolver.lookup(reference)
+        except Unresolvable:
+            raise _invalid(
+                f"{param} refers to {reference!r}, which is not in the schema.",
+                param,
+                errors.INVALID_SCHEMA,
+            ) from None
 
 
 def check_messages(messages: Any) -> None:
@@ -94,6 +195,15 @@ def check_version_definition(
     parameters: Any,
 ) -> None:
     """Every rule a version must satisfy before it can be stored."""
+    for name, value in (
+        ("messages", messages),
+        ("input_schema", input_schema),
+        ("output_schema", output_schema),
+        ("parameters", parameters),
+    ):
+        problem = problem_in(value, allow_nul=False)
+        if problem:
+            raise _invalid(f"{name}: {problem}.", name)
     check_messages(messages)
     check_json_schema(input_schema, "input_schema")
     if input_schema.get("type") != "object":

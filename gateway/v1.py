@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import re
 import struct
@@ -77,7 +78,10 @@ class DataPlaneView(APIView):
                 handler = self.http_method_not_allowed
                 response = handler(request, *args, **kwargs)
             else:
-                response = await handler(request, *args, **kwargs)
+                # Our handlers are coroutines; DRF's own (options) are not.
+                response = handler(request, *args, **kwargs)
+                if inspect.isawaitable(response):
+                    response = await response
         except Exception as exc:
             response = self.handle_exception(exc)
         self.response = self.finalize_response(request, response, *args, **kwargs)
@@ -432,8 +436,8 @@ class PromptApiView(DataPlaneView):
             prompt_api = await dataplane.access_prompt_api(call.caller, slug)
             version = _pick_version(prompt_api, request.query_params.get("version"))
             call.version_id = version.id
-            errors_found = sorted(
-                version.input_validator.iter_errors(data["inputs"]), key=lambda e: e.path
+            errors_found = prompts.schema_errors(
+                version.input_validator, data["inputs"], param="input_schema"
             )
             if errors_found:
                 first = errors_found[0]
@@ -520,7 +524,7 @@ def _pick_version(prompt_api, raw: str | None):
                 errors.NOT_FOUND, f"The prompt-API '{prompt_api.slug}' has no published version."
             )
         return prompt_api.versions[number]
-    if not raw.isdigit():
+    if not re.fullmatch(r"[0-9]{1,9}", raw):
         raise SluiceError(
             errors.INVALID_REQUEST, "version must be a version number.", param="version"
         )
@@ -546,7 +550,7 @@ def _json_output(text: str, version) -> Any:
             details={"text": text[:2000]},
         ) from None
     if version.output_validator is not None:
-        problems = list(version.output_validator.iter_errors(value))
+        problems = prompts.schema_errors(version.output_validator, value, param="output_schema")
         if problems:
             raise SluiceError(
                 errors.INVALID_MODEL_OUTPUT,

@@ -9,6 +9,7 @@ for anything bound for PostgreSQL, NUL characters, which its text and JSONB type
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rest_framework.exceptions import ParseError
@@ -30,6 +31,8 @@ def problem_in(data: Any, *, allow_nul: bool) -> str | None:
             trouble = _text_trouble(value, allow_nul=allow_nul)
             if trouble:
                 return f"{where or 'the body'} {trouble}"
+        elif isinstance(value, float) and not math.isfinite(value):
+            return f"{where or 'the body'} is {value}, which JSON has no number for"
         elif isinstance(value, dict):
             for name, item in value.items():
                 trouble = _text_trouble(name, allow_nul=allow_nul)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import string
 import zlib
@@ -199,13 +200,17 @@ def key_checksum(body: str) -> str:
     return _base62(zlib.crc32(body.encode()), CHECKSUM_LENGTH)
 
 
+_KEY_SHAPE = re.compile(
+    rf"{KEY_PREFIX}[a-z0-9]{{{PREFIX_LENGTH}}}_[A-Za-z0-9]{{{SECRET_LENGTH + CHECKSUM_LENGTH}}}"
+)
+
+
 def parse_raw_key(raw: str) -> tuple[str, str] | None:
     """Split ``sk-sluice-<prefix>_<secret><checksum>`` into (prefix, secret), or None."""
-    if not raw.startswith(KEY_PREFIX):
+    # The shape first: only the key's own alphabet reaches the checksum and the database.
+    if not _KEY_SHAPE.fullmatch(raw):
         return None
     rest = raw[len(KEY_PREFIX) :]
-    if len(rest) != PREFIX_LENGTH + 1 + SECRET_LENGTH + CHECKSUM_LENGTH or rest[8] != "_":
-        return None
     body, checksum = raw[:-CHECKSUM_LENGTH], raw[-CHECKSUM_LENGTH:]
     if not hmac.compare_digest(key_checksum(body), checksum):
         return None
