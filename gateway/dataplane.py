@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -197,20 +198,23 @@ def estimate_tokens(*texts: str) -> int:
     return math.ceil(size / 3) + 4 * len(texts) + 8
 
 
+_SECONDS = re.compile(r"[0-9]{1,7}(\.[0-9]{1,6})?")
+# Below this no answer can come back: the deadline is shorter than one round trip.
+MIN_DEADLINE_S = 0.01
+
+
 def deadline_for(request: HttpRequest, deployment: DeploymentEntry) -> tuple[float, int]:
     """(seconds allowed, epoch ms deadline) from X-Request-Timeout or the deployment."""
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:
         seconds = deployment.default_deadline_s or settings.SLUICE_DEFAULT_DEADLINE_S
     else:
-        try:
-            seconds = float(raw)
-        except ValueError:
-            seconds = -1.0
-        if not (0 < seconds <= MAX_DEADLINE_S) or math.isnan(seconds):
+        # Plain decimals only (float() would also take "1_0", "inf" and "1e3").
+        seconds = float(raw) if _SECONDS.fullmatch(raw.strip()) else -1.0
+        if not (MIN_DEADLINE_S <= seconds <= MAX_DEADLINE_S):
             raise SluiceError(
                 errors.INVALID_REQUEST,
-                f"{TIMEOUT_HEADER} must be a number of seconds between 0 and "
+                f"{TIMEOUT_HEADER} must be a number of seconds from {MIN_DEADLINE_S} to "
                 f"{MAX_DEADLINE_S:.0f}, not {raw!r}.",
                 param=TIMEOUT_HEADER,
             )

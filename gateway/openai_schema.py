@@ -191,12 +191,12 @@ class _Generation(SharedFields, StrictSerializer):
     """What chat and text completions share."""
 
     model = StrictString(max_length=100)
-    max_tokens = StrictInteger(required=False, allow_null=True, min_value=1)
+    max_tokens = StrictInteger(required=False, allow_null=True, min_value=1, max_value=2**31 - 1)
     temperature = StrictFloat(required=False, allow_null=True, min_value=0.0, max_value=2.0)
     top_p = StrictFloat(required=False, allow_null=True, min_value=0.0, max_value=1.0)
     n = StrictInteger(required=False, allow_null=True, min_value=1, max_value=1)
     stop = StopField(required=False, allow_null=True)
-    seed = StrictInteger(required=False, allow_null=True)
+    seed = StrictInteger(required=False, allow_null=True, min_value=-(2**63), max_value=2**63 - 1)
     stream = StrictBoolean(required=False, default=False)
     stream_options = serializers.DictField(required=False, allow_null=True)
     unsupported: tuple[str, ...] = ()
@@ -218,7 +218,9 @@ class _Generation(SharedFields, StrictSerializer):
 
 class ChatCompletionRequest(_Generation):
     messages = ChatMessage(many=True, allow_empty=False)
-    max_completion_tokens = StrictInteger(required=False, allow_null=True, min_value=1)
+    max_completion_tokens = StrictInteger(
+        required=False, allow_null=True, min_value=1, max_value=2**31 - 1
+    )
     response_format = serializers.DictField(required=False, allow_null=True)
     unsupported = UNSUPPORTED_CHAT
 
@@ -287,7 +289,7 @@ class EmbeddingRequest(SharedFields, StrictSerializer):
     model = StrictString(max_length=100)
     input = serializers.JSONField()
     encoding_format = serializers.ChoiceField(choices=["float", "base64"], default="float")
-    dimensions = StrictInteger(required=False, allow_null=True, min_value=1)
+    dimensions = StrictInteger(required=False, allow_null=True, min_value=1, max_value=2**31 - 1)
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):

@@ -26,7 +26,7 @@ PARAMETERS: dict[str, tuple[type | tuple[type, ...], float | None, float | None]
     "temperature": ((int, float), 0.0, 2.0),
     "top_p": ((int, float), 0.0, 1.0),
     "max_tokens": (int, 1, None),
-    "seed": (int, None, None),
+    "seed": (int, -(2**63), 2**63 - 1),
     "stop": ((str, list), None, None),
 }
 

@@ -50,6 +50,11 @@ class RequestIdMiddleware:
         request.request_id = incoming if _CLIENT_ID.match(incoming) else new_request_id()
         current_request_id.set(request.request_id)
         length = request.headers.get("Content-Length", "")
+        if not length and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            # A chunked body has no length up front; Django has read it whole by now. DRF
+            # reads no body without CONTENT_LENGTH, so give it the real one.
+            length = str(len(request.body))
+            request.META["CONTENT_LENGTH"] = length
         if length.isdigit() and int(length) > settings.MAX_REQUEST_BODY_BYTES:
             message = (
                 f"The request body is {int(length):,} bytes; the limit is "

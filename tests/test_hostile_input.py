@@ -225,3 +225,25 @@ def test_the_catalog_stops_caching_misses_when_full(monkeypatch, settings):
     later = now + settings.CATALOG_TTL_S + 1
     assert catalog._room(later, for_miss=True)  # expired slots made room
     assert len(catalog._slots) == 0
+
+
+def test_a_chunked_body_is_read(setup):  # noqa: F811
+    # No Content-Length: the body comes in chunks (a generator makes httpx send it so).
+    def chunks():
+        yield json.dumps(CHAT).encode()
+
+    reply = call(
+        setup,
+        "chat/completions",
+        content=chunks(),
+        headers={"Content-Type": "application/json", "X-Request-Timeout": "0.2"},
+    )
+    # Admitted and queued (no worker runs here): the body was read, not taken as empty.
+    assert reply.status_code == 504, reply.text
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("seed", 2**70), ("seed", -(2**64)), ("max_tokens", 2**40)]
+)
+def test_integers_beyond_what_a_model_takes_are_refused_by_name(setup, field, value):  # noqa: F811
+    refused(call(setup, "chat/completions", {**CHAT, field: value}), 400, "invalid_request", field)
