@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-from rest_framework import permissions, serializers
-from rest_framework.pagination import CursorPagination, PageNumberPagination
+from django.core.exceptions import ValidationError
+from rest_framework import exceptions, permissions, serializers
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.pagination import Cursor, CursorPagination, PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -44,6 +47,52 @@ class NewestFirstPagination(CursorPagination):
     page_size_query_param = "page_size"
     max_page_size = 500
 
+    def paginate_queryset(self, queryset, request, view=None):
+        self.model = queryset.model
+        return super().paginate_queryset(queryset, request, view)
+
+    def decode_cursor(self, request: Request) -> Cursor | None:
+        """DRF's, but also refusing a position that is no value of the ordering field.
+
+        DRF hands the position to the database unchecked (a 500), and answers a cursor it
+        cannot decode with a 404; both are the client's mistake, so both are a 400.
+        """
+        try:
+            cursor = super().decode_cursor(request)
+            if cursor is not None and cursor.position is not None:
+                field = self.model._meta.get_field(self.ordering[0].lstrip("-"))
+                value = field.to_python(cursor.position)
+                if isinstance(value, datetime):
+                    value.astimezone(UTC)  # overflows if no database could hold it
+        except (exceptions.NotFound, ValidationError, ValueError, OverflowError):
+            raise errors.SluiceError(
+                errors.INVALID_REQUEST,
+                "Invalid cursor: pass back the 'next' or 'previous' link of a page unchanged.",
+                param="cursor",
+            ) from None
+        return cursor
+
+
+class ScopeRefused(errors.SluiceError, exceptions.PermissionDenied):
+    """A key without the scope an operation needs.
+
+    A SluiceError, so the handler renders its code; also a DRF APIException, because DRF
+    (the browsable API, schema generators) asks permission classes "may I?" and expects
+    only APIExceptions back.
+    """
+
+
+class JsonOnlyNegotiation(DefaultContentNegotiation):
+    """DRF's negotiation, but an unknown ?format= is a 406 saying so, not a bare 404."""
+
+    def filter_renderers(self, renderers, format):
+        found = [renderer for renderer in renderers if renderer.format == format]
+        if not found:
+            raise exceptions.NotAcceptable(
+                f"There is no format {format!r}; the management API answers in JSON."
+            )
+        return found
+
 
 class ApiKeyScopes(permissions.BasePermission):
     """A request made with an API key needs manage.read to read and manage.write to change."""
@@ -60,7 +109,7 @@ class ApiKeyScopes(permissions.BasePermission):
         if needed == Scope.MANAGE_READ and key.has_scope(Scope.MANAGE_WRITE):
             return True
         if not key.has_scope(needed):
-            raise errors.SluiceError(
+            raise ScopeRefused(
                 errors.INSUFFICIENT_SCOPE,
                 f"This API key lacks the '{needed}' scope; issue a key with it for the "
                 "management API.",
@@ -72,6 +121,7 @@ class ManagementView(APIView):
     """Base for management views: authenticated, scope-checked, with an Actor and a tenant."""
 
     permission_classes = [permissions.IsAuthenticated, ApiKeyScopes]
+    content_negotiation_class = JsonOnlyNegotiation
     # False where staff may act without naming a tenant: platform-wide things
     # (deployments) and lists that then span every tenant. self.tenant is None then.
     tenant_required = True
@@ -102,7 +152,10 @@ def resolve_tenant(request: Request, actor: Actor, *, required: bool) -> Tenant 
         return actor.key.tenant
     slug = request.headers.get(TENANT_HEADER) or request.query_params.get("tenant")
     if slug:
-        tenant = Tenant.objects.select_related("plan").filter(slug=slug).first()
+        tenant = None
+        # PostgreSQL cannot even compare text holding NUL, and no slug holds one.
+        if "\x00" not in slug:
+            tenant = Tenant.objects.select_related("plan").filter(slug=slug).first()
         if tenant is None or not (
             actor.is_staff or Membership.objects.filter(user=actor.user, tenant=tenant).exists()
         ):

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from contextvars import ContextVar
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
+from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse
 
 from sluice import errors
 
 current_request_id: ContextVar[str | None] = ContextVar("current_request_id", default=None)
+# Where Django itself reports a refused Host header.
+host_logger = logging.getLogger("django.security.DisallowedHost")
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 API_PREFIXES = ("/api/", "/v1/")
@@ -43,12 +47,20 @@ class RequestIdMiddleware:
             markcoroutinefunction(self)
 
     def _before(self, request: HttpRequest) -> HttpResponse | None:
-        # ALLOWED_HOSTS is enforced when the host is first read (CommonMiddleware does it
-        # for the console); the data plane runs without it, so read it here.
-        request.get_host()
         incoming = request.headers.get("X-Request-ID", "")
         request.request_id = incoming if _CLIENT_ID.match(incoming) else new_request_id()
         current_request_id.set(request.request_id)
+        # ALLOWED_HOSTS is enforced when the host is first read (CommonMiddleware does it
+        # for the console); the data plane runs without it, so read it here. Left to
+        # Django, a refusal is logged as an ERROR with a traceback: it is a client's (or a
+        # scanner's) mistake, worth one line.
+        try:
+            request.get_host()
+        except DisallowedHost as exc:
+            host_logger.warning("%s", exc)
+            return errors.json_error(
+                request, errors.INVALID_REQUEST, "This server does not answer to that Host."
+            )
         length = request.headers.get("Content-Length", "")
         if not length and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
             # A chunked body has no length up front; Django has read it whole by now. DRF

@@ -163,10 +163,10 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": ["sluice.parsers.StorableJSONParser"],
-    "DEFAULT_RENDERER_CLASSES": [
-        "rest_framework.renderers.JSONRenderer",
-        "rest_framework.renderers.BrowsableAPIRenderer",
-    ],
+    # JSON only: errors then always come in the error format, whatever Accept says. People
+    # explore the API in Swagger UI (/api/docs/) and work in the console; DRF's browsable
+    # API would answer text/html clients with HTML pages, errors included.
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PAGINATION_CLASS": "sluice.api.Pagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "sluice.errors.exception_handler",

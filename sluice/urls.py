@@ -5,7 +5,9 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
-from django.urls import include, path
+from django.urls import include, is_valid_path, path, re_path
+from django.views import View
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from analytics import api as analytics_api
@@ -19,6 +21,28 @@ from tenants import api as tenants_api
 admin.site.site_header = "Sluice platform admin"
 admin.site.site_title = "Sluice admin"
 admin.site.index_title = "Platform"
+
+
+class ApiDocsView(SpectacularSwaggerView):
+    """Swagger UI. It is a page: OPTIONS gets Django's answer (Allow, no body), because
+    DRF's would render its metadata into the page's template, which cannot show it."""
+
+    def options(self, request, *args, **kwargs):
+        return View.options(self, request, *args, **kwargs)
+
+
+@csrf_exempt  # as DRF's views are; nothing here changes anything
+def api_path_without_slash(request: HttpRequest, path: str) -> JsonResponse:
+    """Every management-API path ends with a slash.
+
+    Without this, Django's APPEND_SLASH would answer a 301 with an empty body, which
+    clients follow with a GET (so a POST's body is lost), or, with DEBUG on, a 500.
+    """
+    message = f"No endpoint at {request.path}."
+    if is_valid_path(f"{request.path_info}/"):
+        message = f"{message} Management API paths end with a slash: {request.path}/"
+    return errors.json_error(request, errors.NOT_FOUND, message)
+
 
 api_patterns = [
     path("tenant/", tenants_api.TenantView.as_view(), name="tenant"),
@@ -77,7 +101,8 @@ api_patterns = [
     ),
     path("call-logs/", analytics_api.CallLogListView.as_view(), name="call-logs"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
+    path("docs/", ApiDocsView.as_view(url_name="api:schema"), name="docs"),
+    re_path(r"^(?P<path>.*[^/])$", api_path_without_slash),
 ]
 
 v1_patterns = [

@@ -50,3 +50,9 @@ def test_the_schema_is_public_but_the_api_is_not(api, db):
     assert schema.status_code == 200
     assert "ApiKey" in schema.json()["components"]["securitySchemes"]
     assert_error(api.get("/api/keys/"), 401)
+
+
+def test_options_on_the_docs_page_says_what_it_allows(api, alpha, alice):
+    response = api.as_user(alice).options("/api/docs/")
+    assert response.status_code == 200
+    assert "GET" in response["Allow"]

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+from types import SimpleNamespace
 
 import pytest
 from django.test import override_settings
+from rest_framework import exceptions as drf_exceptions
 
 from gateway import services as gateway_services
+from sluice.api import ApiKeyScopes
 from tenants import services
 from tenants.models import AccessRequest, ApiKey, Membership
 from tests.conftest import actor
@@ -171,3 +175,90 @@ def test_an_unexpected_exception_is_a_json_500_with_the_request_id(api, alpha, a
     error = assert_error(response, 500, "internal_error")
     assert "boom" not in response.content.decode()
     assert "request_id" in error["message"]
+
+
+# --- values that would reach the database unchecked --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["/api/tenant/?tenant=%00", "/api/call-logs/?tenant=%00", "/api/keys/?tenant=alp%00ha"]
+)
+def test_a_nul_in_the_tenant_parameter_is_a_404(api, alpha, alice, url):
+    assert_error(api.as_user(alice).get(url), 404, "not_found")
+
+
+def test_a_nul_in_the_tenant_header_is_a_404(api, alpha, alice):
+    response = api.as_user(alice).get("/api/tenant/", HTTP_X_SLUICE_TENANT="alpha\x00")
+    assert_error(response, 404, "not_found")
+
+
+@pytest.mark.parametrize("who", ["alice", "root"])
+def test_a_nul_in_a_deployment_slug_is_a_404(api, users, alpha, chat_deployment, who):
+    assert_error(api.as_user(users[who]).get("/api/deployments/%00/"), 404, "not_found")
+
+
+# --- JSON only ----------------------------------------------------------------------------
+
+
+class TestJsonOnly:
+    @pytest.fixture
+    def read_only(self, alpha, alice):
+        _key, raw = services.api_key_issue(
+            tenant=alpha, name="ro", scopes=["manage.read"], actor=actor(alice)
+        )
+        return raw
+
+    @pytest.mark.parametrize("url", ["/api/keys/", "/api/prompt-apis/", "/api/members/{member}/"])
+    def test_a_client_asking_for_html_gets_a_json_406(self, api, world, read_only, url):
+        response = api.with_key(read_only).get(url.format(**world), HTTP_ACCEPT="text/html")
+        assert_error(response, 406, "not_acceptable")
+
+    def test_an_unknown_format_is_a_406_that_names_it(self, api, world, read_only):
+        error = assert_error(api.with_key(read_only).get("/api/keys/?format=api"), 406)
+        assert "'api'" in error["message"]
+
+    def test_a_browsers_accept_header_gets_json(self, api, world, read_only):
+        accept = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+        response = api.with_key(read_only).get("/api/keys/", HTTP_ACCEPT=accept)
+        assert response.status_code == 200
+        assert response["Content-Type"] == "application/json"
+
+    def test_a_missing_scope_is_an_api_exception_drf_can_catch(self, world, read_only):
+        # DRF asks permission classes "may I?" outside the request too (its browsable API
+        # did, to decide whether to draw a form) and catches only APIExceptions.
+        request = SimpleNamespace(method="POST", auth=ApiKey.objects.get(name="ro"))
+        with pytest.raises(drf_exceptions.APIException):
+            ApiKeyScopes().has_permission(request, view=None)
+
+
+# --- paths ----------------------------------------------------------------------------
+
+
+class TestTrailingSlash:
+    def test_a_post_without_the_slash_is_a_json_404_that_says_where(self, api, alpha, alice):
+        response = api.as_user(alice).post("/api/members", {"email": "x@example.com"})
+        error = assert_error(response, 404, "not_found")
+        assert "/api/members/" in error["message"]
+        assert not Membership.objects.filter(user__email="x@example.com").exists()
+
+    @override_settings(DEBUG=True)
+    def test_it_is_the_same_with_debug_on(self, api, alpha, alice):
+        assert_error(api.as_user(alice).post("/api/tenant", {}, format="json"), 404)
+
+    def test_it_needs_no_csrf_token(self, api, world, alpha, alice):
+        _key, raw = services.api_key_issue(
+            tenant=alpha, name="w", scopes=["manage.write"], actor=actor(alice)
+        )
+        assert_error(api.with_key(raw).post("/api/keys", {}, format="json"), 404)
+
+    def test_a_path_that_is_not_there_with_a_slash_either_gets_no_hint(self, api, alpha, alice):
+        error = assert_error(api.as_user(alice).get("/api/nothing-here"), 404, "not_found")
+        assert "slash" not in error["message"]
+
+
+def test_a_bad_host_is_a_400_with_a_request_id_and_no_traceback(api, db, caplog):
+    with caplog.at_level(logging.INFO):
+        response = api.get("/api/tenant/", HTTP_HOST="evil.example")
+    assert_error(response, 400, "invalid_request")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert "evil.example" in caplog.text

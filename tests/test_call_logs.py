@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import timedelta
 
 import pytest
@@ -92,3 +93,20 @@ def test_staff_see_every_tenant(api, logs, root):
 
 def test_call_logs_are_read_only(api, logs, alice):
     assert_error(api.as_user(alice).post("/api/call-logs/", {}, format="json"), 405)
+
+
+@pytest.mark.parametrize(
+    "decoded",
+    [
+        "p=garbage",
+        "p=\x00",
+        "p=0001-01-01T00:00:00+05:00",  # before the first instant a datetime can hold
+        "o=many",
+    ],
+)
+def test_a_cursor_it_did_not_issue_is_a_400(api, logs, alice, decoded):
+    cursor = base64.b64encode(decoded.encode()).decode()
+    response = api.as_user(alice).get("/api/call-logs/", {"cursor": cursor})
+    error = assert_error(response, 400, "invalid_request")
+    assert error["param"] == "cursor"
+    assert "Invalid cursor" in error["message"]
