@@ -13,13 +13,14 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count, F, Q
 from django.http import HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html
 
 from sluice.errors import SluiceError
+from sluice.parsers import problem_in
 from sluice.redisconn import publish_invalidation_on_commit
 from tenants.admin import (
     actor_for,
@@ -38,7 +39,34 @@ from .models import ModelDeployment, PromptApi, PromptApiVersion
 
 
 class PrettyJSONField(forms.JSONField):
-    """JSON edited as indented text, with an empty box (not "null") for no value."""
+    """JSON edited as indented text, with an empty box (not "null") for no value.
+
+    Django's JSONField lets through what PostgreSQL's JSONB refuses (NaN, NUL characters,
+    unpaired surrogates) and fails outright on very deep nesting or very long integers;
+    this one refuses all of them with a form error.
+    """
+
+    def to_python(self, value):
+        try:
+            converted = super().to_python(value)
+        except (RecursionError, ValueError):  # too deep; an integer of over 4300 digits
+            raise ValidationError(
+                self.error_messages["invalid"], code="invalid", params={"value": value}
+            ) from None
+        problem = problem_in(converted, allow_nul=False)
+        if problem:
+            raise ValidationError(f"This JSON cannot be stored: {problem}.", code="invalid")
+        return converted
+
+    def bound_data(self, data, initial):
+        # Refused text is shown again as typed: parsed, a surrogate could not be put on the page.
+        try:
+            bound = super().bound_data(data, initial)
+        except (RecursionError, ValueError):
+            return forms.fields.InvalidJSONInput(data)
+        if problem_in(bound, allow_nul=False):
+            return forms.fields.InvalidJSONInput(data)
+        return bound
 
     def prepare_value(self, value):
         if value is None:

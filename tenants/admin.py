@@ -739,6 +739,10 @@ class ApiKeyIssueForm(forms.ModelForm):
         expires_at = self.cleaned_data.get("expires_at")
         if expires_at is not None and expires_at <= timezone.now():
             raise ValidationError("The expiry must be in the future.")
+        if expires_at is not None and expires_at > services.LATEST_KEY_EXPIRY:
+            raise ValidationError(
+                f"The expiry can be at most {services.LATEST_KEY_EXPIRY:%Y-%m-%d %H:%M} UTC."
+            )
         return expires_at
 
 

@@ -202,6 +202,23 @@ class ApiKeyRotateView(ManagementView):
 # --- access requests --------------------------------------------------------------------
 
 
+class QuotaInput(StrictSerializer):
+    """The limits a raise_quota request asks for: each at most what the database can hold."""
+
+    requests_per_minute = serializers.IntegerField(
+        required=False, min_value=1, max_value=services.quota_maximum("requests_per_minute")
+    )
+    tokens_per_minute = serializers.IntegerField(
+        required=False, min_value=1, max_value=services.quota_maximum("tokens_per_minute")
+    )
+    monthly_token_budget = serializers.IntegerField(
+        required=False, min_value=1, max_value=services.quota_maximum("monthly_token_budget")
+    )
+    max_tokens_cap = serializers.IntegerField(
+        required=False, min_value=1, max_value=services.quota_maximum("max_tokens_cap")
+    )
+
+
 class AccessRequestListView(ManagementView):
     tenant_required = False  # staff without a tenant see every tenant's queue
 
@@ -214,10 +231,8 @@ class AccessRequestListView(ManagementView):
             min_value=1,
             help_text="For publish_version: the version number of `prompt_api`.",
         )
-        quota = serializers.DictField(
-            child=serializers.IntegerField(min_value=1),
-            required=False,
-            help_text=f"For raise_quota: any of {', '.join(QUOTA_FIELDS)}.",
+        quota = QuotaInput(
+            required=False, help_text=f"For raise_quota: any of {', '.join(QUOTA_FIELDS)}."
         )
         justification = serializers.CharField(required=False, allow_blank=True, max_length=2000)
 
@@ -370,7 +385,7 @@ class SubscriptionListView(ManagementView):
 
 class MemberListView(ManagementView):
     class InviteInput(StrictSerializer):
-        email = serializers.EmailField()
+        email = serializers.EmailField(max_length=services.INVITE_EMAIL_MAX_LENGTH)
         role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
 
     @extend_schema(summary="List the tenant's members", responses=MemberOut(many=True))

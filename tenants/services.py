@@ -10,13 +10,13 @@ review a request) are enforced here, so no caller can skip them.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.tokens import default_token_generator
 from django.core.mail import send_mail
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Model
 from django.urls import reverse
 from django.utils import timezone
@@ -52,6 +52,13 @@ if TYPE_CHECKING:
     from gateway.models import ModelDeployment, PromptApi, PromptApiVersion
 
 logger = logging.getLogger(__name__)
+
+# An invited person without an account gets one whose username is their e-mail address
+# (they sign in with it), so the address must fit auth.User.username.
+INVITE_EMAIL_MAX_LENGTH = 150
+# The latest a key may expire: a day short of the largest datetime Python has, so that
+# showing it in any time zone cannot overflow.
+LATEST_KEY_EXPIRY = datetime(9999, 12, 30, tzinfo=UTC)
 
 
 # --- audit ------------------------------------------------------------------------------
@@ -192,6 +199,19 @@ def member_invite(
     user = User.objects.filter(email__iexact=email).first()
     created = user is None
     if user is None:
+        if len(email) > INVITE_EMAIL_MAX_LENGTH:
+            raise errors.SluiceError(
+                errors.INVALID_REQUEST,
+                f"An invited person signs in with their e-mail address, which can be at most "
+                f"{INVITE_EMAIL_MAX_LENGTH} characters; this one has {len(email)}.",
+                param="email",
+            )
+        if User.objects.filter(username__iexact=email).exists():
+            raise errors.SluiceError(
+                errors.CONFLICT,
+                f"An account named {email} has another e-mail address; invite that address.",
+                param="email",
+            )
         user = User(username=email, email=email)
         user.set_unusable_password()
         user.save()
@@ -298,6 +318,13 @@ def _validate_key_fields(scopes: list[str], expires_at: datetime | None) -> None
     if expires_at is not None and expires_at <= timezone.now():
         raise errors.SluiceError(
             errors.INVALID_REQUEST, "expires_at must be in the future.", param="expires_at"
+        )
+    if expires_at is not None and expires_at > LATEST_KEY_EXPIRY:
+        raise errors.SluiceError(
+            errors.INVALID_REQUEST,
+            f"expires_at can be at most {LATEST_KEY_EXPIRY:%Y-%m-%d}; for a key that never "
+            "expires, leave it out.",
+            param="expires_at",
         )
 
 
@@ -406,6 +433,12 @@ def _pending_duplicate(tenant: Tenant, kind: str, **target: Any) -> bool:
     ).exists()
 
 
+def quota_maximum(name: str) -> int:
+    """The largest value the database can hold for the quota limit `name`."""
+    field = QuotaOverride._meta.get_field(name)
+    return connection.ops.integer_field_range(field.get_internal_type())[1]
+
+
 def _clean_quota(tenant: Tenant, quota: dict[str, Any]) -> dict[str, int]:
     if not quota:
         raise errors.SluiceError(
@@ -426,6 +459,12 @@ def _clean_quota(tenant: Tenant, quota: dict[str, Any]) -> dict[str, int]:
             raise errors.SluiceError(
                 errors.INVALID_REQUEST,
                 f"{name} must be a positive integer.",
+                param=f"quota.{name}",
+            )
+        if value > quota_maximum(name):
+            raise errors.SluiceError(
+                errors.INVALID_REQUEST,
+                f"{name} can be at most {quota_maximum(name):,}.",
                 param=f"quota.{name}",
             )
         current = getattr(limits, name)
@@ -631,6 +670,15 @@ def access_request_approve(
     refusal = policy.review_refusal(actor, access_request)
     if refusal:
         raise errors.SluiceError(errors.PERMISSION_DENIED, refusal)
+    if access_request.kind == AccessRequest.Kind.RAISE_QUOTA:
+        # One filed before quotas were bounded may ask for more than can be stored.
+        for name, value in access_request.quota.items():
+            if value > quota_maximum(name):
+                raise errors.SluiceError(
+                    errors.CONFLICT,
+                    f"This request asks for {name} {value:,}, more than the "
+                    f"{quota_maximum(name):,} that can be stored; reject it instead.",
+                )
     return _decide(
         access_request=access_request, state=AccessRequest.State.APPROVED, note=note, actor=actor
     )

@@ -370,6 +370,23 @@ class TestSecrets:
         assert "suspended tenant cannot issue keys" in response.content.decode()
         assert not ApiKey.objects.filter(tenant=beta).exists()
 
+    def test_it_refuses_an_expiry_at_the_end_of_the_calendar_with_a_form_error(
+        self, staff_client, world, alpha
+    ):
+        response = staff_client.post(
+            admin_url(ApiKey, "add"),
+            {
+                "tenant": alpha.pk,
+                "name": "forever",
+                "scopes": ["inference"],
+                "expires_at_0": "9999-12-31",
+                "expires_at_1": "12:00:00",
+            },
+        )
+        assert response.status_code == 200
+        assert "The expiry can be at most 9999-12-30" in response.content.decode()
+        assert not ApiKey.objects.filter(name="forever").exists()
+
     def test_it_lets_no_key_field_but_the_name_change(self, staff_client, world):
         key = world["key"]
         url = admin_url(ApiKey, "change", key.pk)
@@ -712,6 +729,34 @@ class TestPromptApi:
             action="prompt_api.version_create", target_id=str(created.pk)
         ).exists()
 
+    @pytest.mark.parametrize(
+        ("field", "text"),
+        [
+            ("messages", "[" * 5000 + "]" * 5000),
+            ("messages", '[{"role": "user", "content": "{{text}}\\u0000"}]'),
+            ("input_schema", '{"type": "object", "properties": {"text": {}}, "x": NaN}'),
+            ("parameters", '{"temperature": NaN}'),
+        ],
+        ids=["deep", "nul", "nan-schema", "nan-parameters"],
+    )
+    def test_it_refuses_json_postgresql_cannot_store_in_a_draft(
+        self, staff_client, world, field, text
+    ):
+        staff_client.raise_request_exception = False
+        prompt_api = world["prompt_api"]
+        url = admin_url(PromptApi, "change", prompt_api.pk)
+        response = staff_client.get(url)
+        data = changeform_data(response)
+        prefix = self._inline(response, published=False).formset.prefix
+        data[f"{prefix}-0-{field}"] = text
+        refused = staff_client.post(url, data)
+        assert refused.status_code == 200
+        assert "cannot be stored" in refused.content.decode() or "Enter a valid JSON" in (
+            refused.content.decode()
+        )
+        draft = prompt_api.versions.get(number=2)
+        assert (draft.messages, draft.parameters) == (MESSAGES, {})
+
     def test_it_publishes_a_draft_from_its_page_through_the_service(self, staff_client, world):
         draft = world["prompt_api"].versions.get(number=2)
         url = admin_url(PromptApiVersion, "change", draft.pk)
@@ -784,6 +829,39 @@ class TestDeployment:
             b"deploy.qwen-0.5b"
             in staff_client.get(admin_url(ModelDeployment, "changelist")).content
         )
+
+    @pytest.mark.parametrize(
+        "config",
+        [
+            '{"x": NaN}',
+            '{"x": 1e400}',
+            '{"x": "a\\u0000b"}',
+            '{"x": "a\\ud800b"}',
+            "[" * 70 + "]" * 70,
+            "[" * 5000 + "]" * 5000,
+            '{"x": ' + "9" * 5000 + "}",
+        ],
+        ids=["nan", "inf", "nul", "surrogate", "deep", "deeper", "long-number"],
+    )
+    def test_it_refuses_a_backend_config_postgresql_cannot_store(self, staff_client, config):
+        staff_client.raise_request_exception = False
+        response = staff_client.post(
+            admin_url(ModelDeployment, "add"),
+            {
+                "slug": "qwen-0.5b",
+                "name": "Qwen",
+                "task": "chat",
+                "backend": "workers.backends.fixed.FixedLatencyBackend",
+                "backend_config": config,
+                "capacity": "4",
+                "max_batch_size": "8",
+                "max_wait_ms": "10",
+                "default_deadline_s": "30",
+            },
+        )
+        assert response.status_code == 200
+        assert response.context["adminform"].form.errors["backend_config"]
+        assert not ModelDeployment.objects.exists()
 
     def test_it_disables_selected_deployments(self, staff_client, chat_deployment):
         response = run_action(staff_client, ModelDeployment, "disable_selected", [chat_deployment])

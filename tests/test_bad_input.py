@@ -7,11 +7,13 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.test import override_settings
 from rest_framework import exceptions as drf_exceptions
 
 from gateway import services as gateway_services
 from sluice.api import ApiKeyScopes
+from sluice.errors import SluiceError
 from tenants import services
 from tenants.models import AccessRequest, ApiKey, Membership
 from tests.conftest import actor
@@ -195,6 +197,107 @@ def test_a_nul_in_the_tenant_header_is_a_404(api, alpha, alice):
 @pytest.mark.parametrize("who", ["alice", "root"])
 def test_a_nul_in_a_deployment_slug_is_a_404(api, users, alpha, chat_deployment, who):
     assert_error(api.as_user(users[who]).get("/api/deployments/%00/"), 404, "not_found")
+
+
+class TestInvitationEmails:
+    def test_an_email_too_long_to_sign_in_with_is_a_400(self, api, alpha, alice):
+        email = "a" * 150 + "@example.com"
+        response = api.as_user(alice).post("/api/members/", {"email": email}, format="json")
+        assert assert_error(response, 400)["param"] == "email"
+        assert not get_user_model().objects.filter(email=email).exists()
+
+    def test_the_longest_email_that_fits_is_invited(self, api, alpha, alice):
+        email = "a" * (150 - len("@example.com")) + "@example.com"
+        response = api.as_user(alice).post("/api/members/", {"email": email}, format="json")
+        assert response.status_code == 201, response.content
+        assert get_user_model().objects.get(email=email).username == email
+
+    def test_the_service_refuses_a_long_email_itself(self, alpha, alice):
+        with pytest.raises(SluiceError) as refused:
+            services.member_invite(
+                tenant=alpha, email="a" * 150 + "@example.com", role="member", actor=actor(alice)
+            )
+        assert refused.value.param == "email"
+        assert refused.value.error.status == 400
+
+    def test_an_email_that_is_another_accounts_username_is_a_409(
+        self, api, alpha, alice, django_user_model
+    ):
+        django_user_model.objects.create_user(username="dana@example.com", email="d@else.org")
+        response = api.as_user(alice).post(
+            "/api/members/", {"email": "Dana@Example.com"}, format="json"
+        )
+        assert assert_error(response, 409, "conflict")["param"] == "email"
+
+
+class TestQuotaBounds:
+    @pytest.mark.parametrize(
+        ("name", "too_much"),
+        [
+            ("requests_per_minute", 1_099_511_627_776),
+            ("tokens_per_minute", 2**31),
+            ("max_tokens_cap", 2**31),
+            ("monthly_token_budget", 2**63),
+        ],
+    )
+    def test_more_than_the_database_holds_is_a_400(self, api, alpha, alice, name, too_much):
+        response = api.as_user(alice).post(
+            "/api/access-requests/",
+            {"kind": "raise_quota", "quota": {name: too_much}},
+            format="json",
+        )
+        assert assert_error(response, 400)["param"] == f"quota.{name}"
+        assert not AccessRequest.objects.exists()
+
+    def test_the_most_the_database_holds_is_filed_and_approved(self, api, alpha, alice, root):
+        most = {"requests_per_minute": 2**31 - 1, "monthly_token_budget": 2**63 - 1}
+        filed = api.as_user(alice).post(
+            "/api/access-requests/", {"kind": "raise_quota", "quota": most}, format="json"
+        )
+        assert filed.status_code == 201, filed.content
+        approved = api.as_user(root).post(
+            f"/api/access-requests/{filed.json()['id']}/approve/", {}, format="json"
+        )
+        assert approved.status_code == 200, approved.content
+        limits = alpha.limits()
+        assert (limits.requests_per_minute, limits.monthly_token_budget) == (2**31 - 1, 2**63 - 1)
+
+    def test_the_service_refuses_it_too(self, alpha, alice):
+        with pytest.raises(SluiceError) as refused:
+            services.access_request_create(
+                tenant=alpha,
+                kind="raise_quota",
+                quota={"tokens_per_minute": 2**31},
+                actor=actor(alice),
+            )
+        assert refused.value.param == "quota.tokens_per_minute"
+
+    def test_approving_a_request_filed_before_the_bound_is_a_409(self, api, alpha, alice, root):
+        stale = AccessRequest.objects.create(
+            tenant=alpha,
+            kind="raise_quota",
+            requester=alice,
+            quota={"requests_per_minute": 1_099_511_627_776},
+        )
+        url = f"/api/access-requests/{stale.pk}"
+        error = assert_error(api.as_user(root).post(f"{url}/approve/", {}, format="json"), 409)
+        assert "reject it" in error["message"]
+        stale.refresh_from_db()
+        assert stale.state == "pending"
+        rejected = api.as_user(root).post(f"{url}/reject/", {}, format="json")
+        assert rejected.json()["state"] == "rejected"
+
+
+@pytest.mark.parametrize(
+    "expires_at",
+    ["9999-12-31T23:59:59Z", "9999-12-31T23:59:59-05:00", "9999-12-30T00:00:01+00:00"],
+)
+def test_a_key_expiry_at_the_end_of_the_calendar_is_a_400(api, alpha, alice, expires_at):
+    response = api.as_user(alice).post(
+        "/api/keys/", {"name": "k", "expires_at": expires_at}, format="json"
+    )
+    assert assert_error(response, 400)["param"] == "expires_at"
+    assert not ApiKey.objects.exists()
 
 
 # --- JSON only ----------------------------------------------------------------------------

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from gateway import services
 from gateway.models import ModelDeployment
+from sluice.errors import SluiceError
 from tenants.models import AuditEvent
+from tests.conftest import actor
 from tests.support import assert_error
 
 pytestmark = pytest.mark.django_db
@@ -83,3 +86,34 @@ def test_a_duplicate_slug_is_a_conflict(api, root, chat_deployment):
         "/api/deployments/", {**NEW, "slug": chat_deployment.slug}, format="json"
     )
     assert_error(response, 409, "conflict")
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+UNSTORABLE_CONFIGS = [
+    pytest.param({"x": float("nan")}, id="nan"),
+    pytest.param({"x": "a\x00b"}, id="nul"),
+    pytest.param({"x\ud800": 1}, id="surrogate"),
+    pytest.param({"x": _nested(70)}, id="deep"),
+]
+
+
+@pytest.mark.parametrize("config", UNSTORABLE_CONFIGS)
+def test_the_services_refuse_a_backend_config_postgresql_cannot_store(
+    root, chat_deployment, config
+):
+    with pytest.raises(SluiceError) as refused:
+        services.deployment_create(actor=actor(root), **(NEW | {"backend_config": config}))
+    assert refused.value.param == "backend_config"
+    with pytest.raises(SluiceError):
+        services.deployment_update(
+            deployment=chat_deployment, actor=actor(root), backend_config=config
+        )
+    assert list(ModelDeployment.objects.values_list("slug", "backend_config")) == [
+        (chat_deployment.slug, {})
+    ]

@@ -12,7 +12,9 @@ from django.utils import timezone
 
 from gateway.models import PromptApi, PromptApiVersion
 from sluice.errors import SluiceError
+from sluice.parsers import problem_in
 from tenants.models import QUOTA_FIELDS, Role, Scope
+from tenants.services import INVITE_EMAIL_MAX_LENGTH, LATEST_KEY_EXPIRY, quota_maximum
 
 QUOTA_LABELS = {
     "requests_per_minute": "Requests per minute (per key)",
@@ -53,6 +55,13 @@ class ApiKeyForm(forms.Form):
         value = self.cleaned_data.get("expires_on")
         if value is not None and value < timezone.now().date():
             raise forms.ValidationError("Pick today or a later date.")
+        # The key works through the end of the day, so it expires at the next midnight.
+        if value is not None and value >= LATEST_KEY_EXPIRY.date():
+            latest = LATEST_KEY_EXPIRY.date() - timedelta(days=1)
+            raise forms.ValidationError(
+                f"Pick {latest:%Y-%m-%d} or an earlier date, or leave it empty for a key "
+                "that never expires."
+            )
         return value
 
     def expires_at(self) -> datetime | None:
@@ -107,6 +116,7 @@ class QuotaRequestForm(forms.Form):
             field = forms.IntegerField(
                 required=False,
                 min_value=1,
+                max_value=quota_maximum(name),
                 label=QUOTA_LABELS[name],
                 help_text=f"Now {current:,}.",
                 widget=forms.NumberInput(attrs={"placeholder": f"more than {current:,}"}),
@@ -152,6 +162,14 @@ class PromptApiForm(forms.Form):
     )
 
 
+class _NotANumber(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotANumber(name)  # NaN, Infinity, -Infinity: Python's json accepts them
+
+
 class JsonTextField(forms.CharField):
     """A textarea holding JSON; a parse error says where, in words a person can act on."""
 
@@ -168,14 +186,27 @@ class JsonTextField(forms.CharField):
         if text in self.empty_values:
             return None
         try:
-            parsed = json.loads(text)
+            parsed = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as exc:
             raise forms.ValidationError(
                 f"This is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
             ) from None
+        except RecursionError:
+            raise forms.ValidationError("This JSON is nested too deeply.") from None
+        except _NotANumber as exc:
+            raise forms.ValidationError(
+                f"This JSON holds {exc}, which is not a number JSON has."
+            ) from None
+        except ValueError:  # Python reads integers of at most 4300 digits
+            raise forms.ValidationError("This JSON holds a number too long to read.") from None
         if not isinstance(parsed, self.expect):
             wanted = "a JSON array [...]" if self.expect is list else "a JSON object {...}"
             raise forms.ValidationError(f"This must be {wanted}.")
+        # NUL characters and unpaired surrogates (from \u escapes) cannot be stored, nor can
+        # numbers too large for a float; deep nesting could not be checked safely later.
+        problem = problem_in(parsed, allow_nul=False)
+        if problem:
+            raise forms.ValidationError(f"This JSON cannot be stored: {problem}.")
         return parsed
 
     def prepare_value(self, value: Any) -> Any:
@@ -249,7 +280,10 @@ def role_choices(*, include_owner: bool) -> list[tuple[str, str]]:
 
 
 class InviteForm(forms.Form):
-    email = forms.EmailField(widget=forms.EmailInput(attrs={"placeholder": "name@example.com"}))
+    email = forms.EmailField(
+        max_length=INVITE_EMAIL_MAX_LENGTH,
+        widget=forms.EmailInput(attrs={"placeholder": "name@example.com"}),
+    )
     role = forms.ChoiceField(choices=Role.choices, initial=Role.MEMBER)
 
     def __init__(self, *args: Any, include_owner: bool, **kwargs: Any) -> None:
