@@ -37,6 +37,9 @@ from .models import MODEL_NAME, ModelDeployment, PromptApi, PromptApiVersion
 logger = logging.getLogger(__name__)
 
 _PRIORITY = {"high": 0, "normal": 1, "low": 2}
+# The invalidation listener pings this often and reconnects after this long unheard.
+LIVENESS_PING_S = 0.5
+LIVENESS_TIMEOUT_S = 1.5
 # Entries held at most (each a few hundred bytes): far above any real catalog's rows.
 MAX_SLOTS = 50_000
 
@@ -216,12 +219,7 @@ class Catalog:
                 # Anything may have changed while we were not listening.
                 self.clear()
                 backoff = 0.1
-                async for message in pubsub.listen():
-                    try:
-                        body = json.loads(message["data"])
-                        self.forget(body["kind"], body["id"])
-                    except (ValueError, KeyError, TypeError):
-                        logger.warning("ignoring a malformed invalidation: %r", message)
+                await self._receive(pubsub)
             except asyncio.CancelledError:
                 raise
             except (redis.RedisError, OSError):
@@ -231,6 +229,35 @@ class Catalog:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    async def _receive(self, pubsub) -> None:
+        """Apply invalidations until the connection fails or goes silent.
+
+        A connection can die without closing (a NAT or load balancer dropping an idle
+        flow): reads then wait for ever and every change would wait for CATALOG_TTL_S. So
+        the listener pings every LIVENESS_PING_S and, hearing nothing at all (not even the
+        pong) for LIVENESS_TIMEOUT_S, reconnects, which clears the cache.
+        """
+        heard = pinged = time.monotonic()
+        while True:
+            message = await pubsub.get_message(timeout=LIVENESS_PING_S)
+            now = time.monotonic()
+            if message is not None:
+                heard = now
+                if message["type"] == "message":
+                    self._apply(message)
+            if now - heard > LIVENESS_TIMEOUT_S:
+                raise redis.ConnectionError(f"no reply from Redis for {now - heard:.1f}s")
+            if now - pinged >= LIVENESS_PING_S:
+                await pubsub.ping()
+                pinged = now
+
+    def _apply(self, message: dict[str, Any]) -> None:
+        try:
+            body = json.loads(message["data"])
+            self.forget(body["kind"], body["id"])
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring a malformed invalidation: %r", message)
 
 
 catalog = Catalog()

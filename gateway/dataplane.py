@@ -161,7 +161,9 @@ async def access_prompt_api(caller: Caller, slug: str) -> PromptApiEntry:
         and prompt_api.tenant_id != caller.tenant.id
     ):
         raise SluiceError(errors.NOT_FOUND, f"No prompt-API '{slug}'.")
-    if slug not in caller.tenant.prompt_apis:
+    # A tenant's own prompt-APIs need no subscription (and one it has just created may
+    # not be in its cached entry yet).
+    if prompt_api.tenant_id != caller.tenant.id and slug not in caller.tenant.prompt_apis:
         raise SluiceError(
             errors.ACCESS_NOT_APPROVED,
             f"Tenant '{caller.tenant.slug}' has no approved subscription to the prompt-API "
@@ -169,6 +171,21 @@ async def access_prompt_api(caller: Caller, slug: str) -> PromptApiEntry:
             f'{{"kind": "subscribe_prompt_api", "prompt_api": "{slug}"}}.',
         )
     return prompt_api
+
+
+async def check_owner_access(prompt_api: PromptApiEntry, version) -> None:
+    """A tenant's prompt-API runs on its owner's access: when the owner loses its
+    subscription to the model (or is suspended), the prompt-API stops for every caller."""
+    if prompt_api.tenant_id is None:
+        return  # platform-wide
+    owner = await catalog.tenant(prompt_api.tenant_id)
+    if owner is None or not owner.active or version.deployment not in owner.deployments:
+        raise SluiceError(
+            errors.PERMISSION_DENIED,
+            f"The prompt-API '{prompt_api.slug}' v{version.number} runs on "
+            f"'{version.deployment}', which its owner may no longer use; its owner must "
+            "renew that subscription.",
+        )
 
 
 # --- limits ---------------------------------------------------------------------------

@@ -459,6 +459,7 @@ class PromptApiView(DataPlaneView):
                     "whole.",
                     param="stream",
                 )
+            await dataplane.check_owner_access(prompt_api, version)
             deployment = await dataplane.catalog.deployment(version.deployment)
             if deployment is None or not deployment.enabled:
                 raise SluiceError(

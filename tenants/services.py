@@ -153,6 +153,9 @@ def tenant_suspend(*, tenant: Tenant, reason: str = "", actor: Actor) -> Tenant:
 def tenant_reactivate(*, tenant: Tenant, actor: Actor) -> Tenant:
     tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
     if tenant.status == Tenant.Status.ACTIVE:
+        # Already active, but a deny flag may have outlived its suspension (a Redis error
+        # when it was cleared): reactivating again clears it.
+        clear_flag_on_commit(protocol.deny_tenant(tenant.pk))
         return tenant
     tenant.status = Tenant.Status.ACTIVE
     tenant.suspended_reason = ""

@@ -114,6 +114,18 @@ class TestKeyRefusal:
         services.tenant_reactivate(tenant=alpha, actor=actor(root))
         assert api.with_key(raw).get("/api/keys/").status_code == 200
 
+    def test_reactivating_an_active_tenant_clears_a_stale_deny_flag(
+        self, alpha, root, django_capture_on_commit_callbacks
+    ):
+        # A Redis error when the flag was cleared must not lock the tenant out for good.
+        from sluice.redisconn import get_redis
+        from workers import protocol
+
+        get_redis().set(protocol.deny_tenant(alpha.pk), 1)
+        with django_capture_on_commit_callbacks(execute=True):
+            services.tenant_reactivate(tenant=alpha, actor=actor(root))
+        assert not get_redis().exists(protocol.deny_tenant(alpha.pk))
+
     def test_a_garbage_bearer_is_a_clear_401(self, api, alpha):
         error = assert_error(api.with_key("hello").get("/api/keys/"), 401, "invalid_api_key")
         assert "sk-sluice-" in error["message"]

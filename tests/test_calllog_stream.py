@@ -543,3 +543,22 @@ class FlushCommandTestCase:
         assert process.returncode == 0, output
         assert "flushed" in output
         assert stream_length() == 0
+
+
+class FlushOnceUnderTrafficTestCase:
+    def test_once_stops_at_what_was_waiting_when_it_started(self, db, monkeypatch):
+        for index in range(5):
+            calllog.append_sync(record(f"req_{index}"))
+        calls = []
+
+        def endless(**kwargs):  # traffic never lets the stream run dry
+            calls.append(kwargs)
+            if len(calls) > 100:
+                raise AssertionError("--once did not stop")
+            return kwargs["count"]
+
+        monkeypatch.setattr(flusher, "flush_once", endless)
+
+        call_command("flush_calllogs", "--once", "--batch", "2", stdout=StringIO())
+
+        assert len(calls) <= 5 // 2 + 2

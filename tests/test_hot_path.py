@@ -138,3 +138,29 @@ class InvalidationTestCase:
             timeout=2.0,
             what="the new subscription to show",
         )
+
+
+class SilentConnectionTestCase:
+    def test_a_listener_that_hears_nothing_reconnects(self, monkeypatch):
+        import asyncio
+
+        import redis as redis_sync
+
+        from gateway import catalog as catalog_module
+
+        monkeypatch.setattr(catalog_module, "LIVENESS_PING_S", 0.01)
+        monkeypatch.setattr(catalog_module, "LIVENESS_TIMEOUT_S", 0.05)
+
+        class Silent:  # a connection dropped by the network without closing
+            pings = 0
+
+            async def get_message(self, timeout):
+                await asyncio.sleep(timeout)
+
+            async def ping(self):
+                self.pings += 1
+
+        silent = Silent()
+        with pytest.raises(redis_sync.ConnectionError, match="no reply"):
+            asyncio.run(catalog_module.Catalog()._receive(silent))
+        assert silent.pings >= 1

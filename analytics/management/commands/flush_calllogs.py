@@ -15,6 +15,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, DatabaseError
 
 from analytics import flusher
+from sluice.redisconn import get_redis
+from workers import protocol
 
 
 class Command(BaseCommand):
@@ -67,7 +69,13 @@ class Command(BaseCommand):
         )
 
     def _once(self, *, consumer: str, batch: int, database: str, report) -> None:
-        while True:
+        # What is in the stream now, and no more: under steady traffic new records keep
+        # coming, and a run from cron must end.
+        try:
+            waiting = get_redis().xlen(protocol.calllog_stream())
+        except redis.RedisError as exc:
+            raise CommandError(f"call logs not flushed: {exc}") from exc
+        for _ in range(waiting // batch + 2):
             try:
                 handled = flusher.flush_once(
                     consumer=consumer, count=batch, block_ms=0, using=database
