@@ -198,6 +198,21 @@ class ChatGenerationTestCase:
         nucleus = one(chat, request(content=HAIKU, temperature=1.5, top_p=0.0, seed=1))
         assert tokens(nucleus) == tokens(greedy)
 
+    @pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-5])
+    def test_a_vanishing_temperature_decodes_greedily_beside_the_rest(self, chat, temperature):
+        # Dividing logits by a float32 that rounds to 0 once gave NaN probabilities, and the
+        # sampler's error failed every request in the batch.
+        greedy = one(chat, request(content=HAIKU, max_tokens=6))
+        results = chat.run_batch(
+            [
+                request(content=HAIKU, max_tokens=6),
+                request(content=HAIKU, max_tokens=6, temperature=temperature),
+                request(content=HAIKU, max_tokens=6, temperature=1.0, seed=3),
+            ]
+        )
+        assert all(isinstance(result, BackendResult) for result in results), results
+        assert tokens(results[1]) == tokens(greedy)
+
     def test_it_refuses_a_prompt_longer_than_the_context_and_runs_the_rest(self, chat):
         too_long = request(content="word " * (chat.context_length + 10))
         results = chat.run_batch([request(max_tokens=4), too_long, request(max_tokens=4)])

@@ -397,3 +397,20 @@ class CircuitBreakerTestCase:
             completed=False,
         )
         admit(slug, config, "next-probe")  # admitted: no exception
+
+    def test_short_client_deadlines_do_not_open_the_circuit(self, upstream, backend, slug):
+        # A healthy upstream that is slower than the clients' deadlines: their timeouts are
+        # the clients' own, not the upstream's failures.
+        upstream.hang(5, seconds=1.0)
+        for _ in range(5):
+            with pytest.raises(TransientBackendError) as failed:
+                call(backend, request(deadline_s=0.3))
+            assert not failed.value.retryable
+        assert failures(slug) == 0
+        assert breaker.state(slug, threshold=2) == "closed"
+
+    def test_an_open_circuit_is_not_retried_by_the_worker(self, upstream, backend, slug):
+        self.trip(upstream, backend, slug)
+        with pytest.raises(TransientBackendError) as failed:
+            call(backend, request())
+        assert not failed.value.retryable

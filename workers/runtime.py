@@ -78,7 +78,11 @@ def _retry_decided(retries: int, exception: BaseException) -> bool:
 
 
 def should_retry(retries: int, exception: BaseException) -> bool:
-    if not isinstance(exception, TransientBackendError) or retries >= MAX_RETRIES:
+    if (
+        not isinstance(exception, TransientBackendError)
+        or not exception.retryable
+        or retries >= MAX_RETRIES
+    ):
         return False
     message = CurrentMessage.get_current_message()
     if message is None or not message.args:

@@ -21,7 +21,13 @@ class InvalidInputError(BackendError):
 
 
 class TransientBackendError(Exception):
-    """A failure that may pass (an upstream 503, a dropped connection): retried."""
+    """A failure that may pass (an upstream 503, a dropped connection): retried, unless
+    the backend says a retry of the whole message could not help (`retryable=False`: it
+    already retried on its own, or its upstream's circuit is open)."""
+
+    def __init__(self, message: str = "", *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass

@@ -51,6 +51,8 @@ DEFAULT_MAX_TOKENS = 256
 # top_p of the mass (almost always), the nucleus lies inside them and sorting the whole
 # vocabulary (49k entries, about a millisecond per row per step on a CPU) is skipped.
 TOP_P_SHORTLIST = 64
+# Temperatures below this sample as greedy decoding (see _Row.greedy).
+MIN_TEMPERATURE = 1e-4
 
 Decode = Callable[[list[int]], str]
 
@@ -111,7 +113,9 @@ class _Row:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        # Below MIN_TEMPERATURE sampling is greedy in all but name, and dividing the logits
+        # by a float32 that rounds to 0 (1e-40 does) would give inf and NaN probabilities.
+        return self.temperature < MIN_TEMPERATURE
 
     def add(self, token: int, eos: set[int], decode: Decode) -> None:
         if token in eos:
@@ -492,16 +496,25 @@ class TransformersChatBackend(Backend):
         ).unsqueeze(1)
         probabilities = torch.softmax(logits[sampled] / temperatures, dim=-1)
         for probs, index in zip(probabilities, sampled, strict=True):
-            row = rows[index]
-            if row.top_p >= 1.0:
-                chosen[index] = int(torch.multinomial(probs, 1, generator=row.generator))
-                continue
-            top, order = probs.topk(min(TOP_P_SHORTLIST, probs.numel()))
-            if float(top.sum()) < row.top_p:  # a flat distribution: the nucleus is wider
-                top, order = probs.sort(descending=True)
-            # Keep the likeliest tokens until they hold top_p of the mass (at least one).
-            keep = torch.cumsum(top, dim=-1) - top < row.top_p
-            keep[0] = True
-            choice = torch.multinomial(top * keep, 1, generator=row.generator)
-            chosen[index] = int(order[choice])
+            try:
+                chosen[index] = _sample(probs, rows[index], torch)
+            except RuntimeError:
+                # Probabilities no sampler accepts (inf or NaN logits): this row takes its
+                # likeliest token, and the rest of the batch is untouched.
+                logger.warning(
+                    "sampling failed for %s; took the argmax", rows[index].request.request_id
+                )
         return chosen
+
+
+def _sample(probs, row: _Row, torch) -> int:
+    """One token from a row's probabilities, with its top_p and its seeded generator."""
+    if row.top_p >= 1.0:
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+    top, order = probs.topk(min(TOP_P_SHORTLIST, probs.numel()))
+    if float(top.sum()) < row.top_p:  # a flat distribution: the nucleus is wider
+        top, order = probs.sort(descending=True)
+    # Keep the likeliest tokens until they hold top_p of the mass (at least one).
+    keep = torch.cumsum(top, dim=-1) - top < row.top_p
+    keep[0] = True
+    return int(order[torch.multinomial(top * keep, 1, generator=row.generator)])

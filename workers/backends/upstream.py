@@ -140,13 +140,21 @@ def _number(config: dict[str, Any], name: str, default: float, *, minimum: float
 class _Retryable(Exception):
     """One attempt failed in a way another attempt may not (the upstream's fault)."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after_s: float | None = None, *, deadline: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        # The client's deadline, not the upstream, ended it: no fault of the upstream's.
+        self.deadline = deadline
 
 
 class _StreamBroken(Exception):
     """A stream failed after the client got text from it: no retry can undo that."""
+
+    def __init__(self, message: str, *, deadline: bool = False) -> None:
+        super().__init__(message)
+        self.deadline = deadline
 
 
 class OpenAIUpstreamBackend(Backend):
@@ -215,12 +223,14 @@ class OpenAIUpstreamBackend(Backend):
             # Messages queued before the circuit opened would each wait on a failing
             # upstream for up to max_attempts timeouts; fail them fast instead.
             raise TransientBackendError(
-                f"The upstream server of '{self.deployment}' is failing; its circuit is open."
+                f"The upstream server of '{self.deployment}' is failing; its circuit is open.",
+                retryable=False,
             )
         streaming = request.on_text is not None and request.task != "embedding"
         body = self._body(request, streaming=streaming)
         attempts = 0
         last = "the deadline passed before the first attempt"
+        upstreams_fault = False
         while not request.expired():
             attempts += 1
             try:
@@ -228,8 +238,10 @@ class OpenAIUpstreamBackend(Backend):
             except _Retryable as exc:
                 last = str(exc)
                 wait = exc.retry_after_s
+                upstreams_fault = not exc.deadline
             except _StreamBroken as exc:
-                self._record_failure()
+                if not exc.deadline:
+                    self._record_failure()
                 raise TransientBackendError(str(exc)) from exc
             except UpstreamError:
                 self._record_failure()
@@ -257,10 +269,15 @@ class OpenAIUpstreamBackend(Backend):
                 wait,
             )
             self._pause(wait, request)
-        if attempts:
+        if upstreams_fault:
+            # A call that only ran out of the client's time says nothing of the upstream:
+            # counting it would let short deadlines open the circuit for every tenant.
             self._record_failure()
+        # The attempts allowed here are spent (or the deadline is near): a retry of the
+        # whole message would only repeat them, and count the failures again.
         raise TransientBackendError(
-            f"The upstream server failed {attempts} time(s); the last failure: {last}"
+            f"The upstream server failed {attempts} time(s); the last failure: {last}",
+            retryable=False,
         )
 
     def _body(self, request: BackendRequest, *, streaming: bool) -> dict[str, Any]:
@@ -280,6 +297,7 @@ class OpenAIUpstreamBackend(Backend):
     ) -> BackendResult:
         assert self.client is not None
         remaining = self._remaining_s(request)
+        bounded_by_deadline = remaining < self.settings.timeout_s
         limit = outbound.timeout(
             min(self.settings.timeout_s, remaining), connect_s=self.settings.connect_timeout_s
         )
@@ -305,12 +323,17 @@ class OpenAIUpstreamBackend(Backend):
         except httpx.TransportError as exc:
             # Connection refused or reset, a timeout, a connection dropped mid-answer.
             message = f"{type(exc).__name__}: {exc or 'no detail'}"
+            deadline = bounded_by_deadline and isinstance(exc, httpx.TimeoutException)
             if started:
-                raise _StreamBroken(f"The upstream stream broke off ({message}).") from exc
-            raise _Retryable(message) from exc
+                raise _StreamBroken(
+                    f"The upstream stream broke off ({message}).", deadline=deadline
+                ) from exc
+            raise _Retryable(message, deadline=deadline) from exc
         except _Retryable as exc:
             if started:
-                raise _StreamBroken(f"The upstream stream failed: {exc}") from exc
+                raise _StreamBroken(
+                    f"The upstream stream failed: {exc}", deadline=exc.deadline
+                ) from exc
             raise
 
     def _stream(
@@ -321,7 +344,7 @@ class OpenAIUpstreamBackend(Backend):
         usage: dict[str, Any] | None = None
         for line in response.iter_lines():
             if request.expired():
-                raise _Retryable("the deadline passed in the middle of the stream")
+                raise _Retryable("the deadline passed in the middle of the stream", deadline=True)
             if request.cancelled():
                 result.finish_reason = "cancelled"
                 return
