@@ -122,6 +122,12 @@ INTERNAL_ERROR = _code("internal_error", 500, "server_error", "Internal server e
 WORKER_ERROR = _code(
     "worker_error", 500, "server_error", "The model worker failed on this request."
 )
+WORKER_UNAVAILABLE = _code(
+    "worker_unavailable",
+    503,
+    "server_error",
+    "The model worker stopped before finishing this request; nothing was charged. Retry.",
+)
 INVALID_MODEL_OUTPUT = _code(
     "invalid_model_output",
     502,

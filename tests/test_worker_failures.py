@@ -77,7 +77,7 @@ def _database_url() -> str:
     return f"postgresql://{auth}@{host}:{config['PORT'] or 5432}/{name}"
 
 
-def _worker_process(slug: str) -> subprocess.Popen:
+def _worker_process(slug: str, *options: str) -> subprocess.Popen:
     env = {
         **os.environ,
         "DATABASE_URL": _database_url(),
@@ -85,7 +85,16 @@ def _worker_process(slug: str) -> subprocess.Popen:
         "SLUICE_REDIS_PREFIX": settings.REDIS_PREFIX,
     }
     return subprocess.Popen(  # noqa: S603 - our own manage.py
-        [sys.executable, "manage.py", "runworkers", "--deployments", slug, "--threads", "2"],
+        [
+            sys.executable,
+            "manage.py",
+            "runworkers",
+            "--deployments",
+            slug,
+            "--threads",
+            "2",
+            *options,
+        ],
         cwd=settings.BASE_DIR,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -145,3 +154,83 @@ class KilledWorkerTestCase:
         start_worker(deployment)
         reply = client.chat.completions.create(model="mortal", messages=MESSAGES)
         assert reply.choices[0].message.content == "echo: hi"
+
+
+class StoppingTestCase:
+    def test_a_worker_that_stops_mid_request_tells_its_client_at_once(
+        self, dataplane, alpha, subscribe, client, start_worker
+    ):
+        deployment = fixed_deployment("slow-stop", config={"latency_ms": 20_000})
+        subscribe(alpha, deployment)
+        service = start_worker(deployment)
+        outcome: dict[str, BaseException] = {}
+
+        def ask() -> None:
+            try:
+                client.with_options(timeout=60).chat.completions.create(
+                    model="slow-stop", messages=MESSAGES
+                )
+            except openai.APIStatusError as error:
+                outcome["error"] = error
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        runtime = service.runtimes["slow-stop"]
+        wait_until(lambda: runtime.busy == 1, what="the worker to take the request")
+
+        service.stop(timeout_ms=200)  # a rolling deploy: SIGTERM, and no time to finish
+
+        asking.join(timeout=15)  # long before the 20 s answer or the 60 s deadline
+        error = outcome["error"]
+        assert error.status_code == 503
+        assert error.code == "worker_unavailable"
+        assert leases("slow-stop") == 0
+
+    def test_a_stream_redelivered_after_a_crash_is_not_replayed(
+        self, dataplane, alpha, subscribe, start_worker
+    ):
+        deployment = fixed_deployment("replay")
+        subscribe(alpha, deployment)
+        runtime = start_worker(deployment).runtimes["replay"]
+        message = {
+            "request_id": "req_replayed",
+            "deployment": "replay",
+            "task": "chat",
+            "tenant_id": alpha.id,
+            "deadline_ms": protocol.now_ms() + 30_000,
+            "enqueued_ms": protocol.now_ms(),
+            "stream": True,
+            "payload": {"messages": MESSAGES},
+            "ms_per_token": 0,
+        }
+        stream = protocol.reply_stream("req_replayed")
+        # The first run, on a worker that then died, had sent part of its answer.
+        get_redis().xadd(stream, protocol.encode_event("chunk", {"text": "echo:"}))
+
+        runtime.handle(message)
+
+        events = [protocol.decode_event(fields) for _, fields in get_redis().xrange(stream)]
+        assert [event["type"] for event in events] == ["chunk", "error"]
+        assert events[-1]["data"]["code"] == "worker_unavailable"
+
+
+class SupervisorTestCase:
+    def test_a_crashed_child_makes_the_supervisor_fail_not_succeed(
+        self, transactional_db, start_worker
+    ):
+        import psutil
+
+        fixed_deployment("supervised")
+        supervisor = _worker_process("supervised", "--processes", "2")
+        try:
+            wait_until(
+                lambda: len(psutil.Process(supervisor.pid).children()) == 2,
+                timeout=30,
+                what="two worker processes",
+            )
+            psutil.Process(supervisor.pid).children()[0].kill()  # out of memory, say
+            # A restart-on-failure policy must see a failure.
+            assert supervisor.wait(timeout=60) != 0
+        finally:
+            if supervisor.poll() is None:
+                supervisor.kill()

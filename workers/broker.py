@@ -105,6 +105,9 @@ def _ring(pipe, name: str) -> None:
     pipe.pexpire(name, BELL_TTL_MS)
 
 
+DEAD_LETTER_TTL_MS = 24 * 3600 * 1000
+
+
 @functools.cache
 def get_broker() -> SluiceRedisBroker:
     broker = SluiceRedisBroker(
@@ -118,6 +121,9 @@ def get_broker() -> SluiceRedisBroker:
         ],
         # A dead worker's unacked messages are requeued after this long without heartbeat.
         heartbeat_timeout=settings.WORKER_HEARTBEAT_TIMEOUT_MS,
+        # Dead letters hold a request's whole payload (the prompt): kept a day for
+        # debugging, not Dramatiq's week.
+        dead_message_ttl=DEAD_LETTER_TTL_MS,
     )
     dramatiq.set_broker(broker)
     return broker

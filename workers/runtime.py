@@ -122,6 +122,8 @@ class DeploymentRuntime:
     handled: int = field(init=False, default=0)
     # Messages skipped because their deadline had passed or their client had gone.
     dropped: int = field(init=False, default=0)
+    # request_id -> message, while a worker thread holds it.
+    in_hand: dict[str, protocol.InferenceMessage] = field(init=False, default_factory=dict)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -195,23 +197,61 @@ class DeploymentRuntime:
     def handle(self, message: protocol.InferenceMessage) -> None:
         with self._lock:
             self.busy += 1
+            self.in_hand[message["request_id"]] = message
         try:
             self._handle(message)
         finally:
             with self._lock:
                 self.busy -= 1
                 self.handled += 1
+                self.in_hand.pop(message["request_id"], None)
+
+    def abandon_in_hand(self) -> int:
+        """Answer the messages still in hand when the worker stops without finishing them:
+        503 worker_unavailable (the openai client retries it), refunded, and cancelled so
+        that the copy Dramatiq requeues is dropped instead of run again."""
+        with self._lock:
+            left = list(self.in_hand.values())
+            self.in_hand.clear()
+        for message in left:
+            self._fail(
+                message,
+                ReplyWriter(message["request_id"]),
+                "worker_unavailable",
+                "The model worker stopped before finishing this request; nothing was "
+                "charged. Retry.",
+                status=503,
+                cancel=True,
+            )
+        return len(left)
 
     def _handle(self, message: protocol.InferenceMessage) -> None:
         request_id = message["request_id"]
         writer = ReplyWriter(request_id)
         client = get_redis()
-        if protocol.now_ms() >= message["deadline_ms"] or client.exists(
-            protocol.cancel_flag(request_id)
-        ):
+        if protocol.now_ms() >= message["deadline_ms"]:
+            gone, replied = True, 0
+        else:
+            pipe = client.pipeline(transaction=False)
+            pipe.exists(protocol.cancel_flag(request_id))
+            pipe.xlen(writer.stream)
+            gone, replied = pipe.execute()
+        if gone:
             logger.info("dropping %s: its deadline passed or its client left", request_id)
             self._settle(message, tokens=0, completed=False)
             self._count_drop()
+            return
+        if replied:
+            # Redelivered after its worker died mid-stream: running it again would send
+            # the client its text a second time, after the part it already has.
+            self._fail(
+                message,
+                writer,
+                "worker_unavailable",
+                "The model worker stopped in the middle of this answer; nothing was "
+                "charged. Retry.",
+                status=503,
+            )
             return
         started = protocol.now_ms()
         request = BackendRequest(
@@ -295,8 +335,23 @@ class DeploymentRuntime:
                 completed=completed,
             )
 
-    def _fail(self, message, writer: ReplyWriter, code: str, text: str, *, status: int) -> None:
+    def _fail(
+        self,
+        message,
+        writer: ReplyWriter,
+        code: str,
+        text: str,
+        *,
+        status: int,
+        cancel: bool = False,
+    ) -> None:
         pipe = get_redis().pipeline(transaction=False)
+        if cancel:
+            pipe.set(
+                protocol.cancel_flag(message["request_id"]),
+                1,
+                px=max(1000, message["deadline_ms"] - protocol.now_ms()) + 60_000,
+            )
         self._settle(message, tokens=0, completed=False, pipe=pipe)
         writer._add("error", {"code": code, "message": text, "status": status}, pipe)
         try:

@@ -68,6 +68,13 @@ class WorkerService:
         """Finish the messages in hand (up to timeout_ms), then let go of everything."""
         if self.worker is not None:
             self.worker.stop(timeout=timeout_ms)
+        # Threads still busy past the timeout die with the process: answer their clients
+        # now rather than leave them waiting for their deadlines.
+        abandoned = sum(runtime.abandon_in_hand() for runtime in self.runtimes.values())
+        if abandoned:
+            logger.warning(
+                "stopped with %d request(s) unfinished; their clients were told", abandoned
+            )
         if self.heartbeat is not None:
             self.heartbeat.stop()
         for runtime in self.runtimes.values():

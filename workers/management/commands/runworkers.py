@@ -113,8 +113,17 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, lambda *a: stopping.set())
         while not stopping.is_set() and all(child.poll() is None for child in children):
             time.sleep(0.5)
+        crashed = [child for child in children if child.poll() is not None]
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
         for child in children:
             child.wait()
+        if not stopping.is_set():
+            # A child died on its own (out of memory, say): fail, so that a supervisor with
+            # a restart-on-failure policy brings the workers back.
+            child = crashed[0]
+            raise CommandError(
+                f"worker process {child.pid} exited with status {child.returncode}; "
+                "stopped the others"
+            )
