@@ -307,7 +307,12 @@ class DeploymentRuntime:
     def _run(self, request: BackendRequest) -> BackendResult:
         timeout = max(0.001, (request.deadline_ms - protocol.now_ms()) / 1000) + 5
         if self.batcher is not None:
-            return self.batcher.run(request, timeout=timeout)
+            try:
+                return self.batcher.run(request, timeout=timeout)
+            except TimeoutError:
+                # Still unanswered 5 s past its deadline (a batch stuck behind a slow one):
+                # its client has had its 504; this is a drop, not a poison message.
+                raise DroppedError(f"{request.request_id} outlived its deadline") from None
         results = self.backend.run_batch([request])
         if isinstance(results[0], BaseException):
             raise results[0]

@@ -19,14 +19,14 @@ redis.call('ZREM', KEYS[2], rid)
 -- A probe that ends without reaching the upstream (dropped, cancelled, refunded) hands the
 -- half-open circuit to the next request instead of blocking it until its deadline.
 if redis.call('GET', KEYS[6]) == rid then redis.call('DEL', KEYS[6]) end
+local entry = redis.call('HGET', KEYS[4], rid)
+if not entry then return -1 end
+-- A completion counts towards the drain rate (Retry-After) once, when it settles first.
 if ARGV[6] ~= '' then
   local counter = ARGV[6] .. math.floor(now / 1000)
   redis.call('INCR', counter)
   redis.call('EXPIRE', counter, 30)
 end
-
-local entry = redis.call('HGET', KEYS[4], rid)
-if not entry then return -1 end
 redis.call('HDEL', KEYS[4], rid)
 redis.call('ZREM', KEYS[3], rid)
 local month, amount = string.match(entry, '^(%d+):(%d+)$')
