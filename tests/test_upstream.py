@@ -414,3 +414,13 @@ class CircuitBreakerTestCase:
         with pytest.raises(TransientBackendError) as failed:
             call(backend, request())
         assert not failed.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("value", "counted"),
+    [(12, 12), (12.0, 12), (None, 0), (-5, 0), (10**12, 0), ("12", 0), (True, 0), (1.5, 0)],
+)
+def test_implausible_usage_counts_are_not_billed(value, counted):
+    from workers.backends.upstream import _token_count
+
+    assert _token_count({"prompt_tokens": value}, "prompt_tokens") == counted

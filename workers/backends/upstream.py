@@ -378,9 +378,9 @@ class OpenAIUpstreamBackend(Backend):
             # stopped (some servers omit [DONE]); otherwise the answer was cut short.
             if result.finish_reason is None:
                 raise _Retryable("the upstream ended its stream without finishing")
-        if usage:
-            result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            result.completion_tokens = int(usage.get("completion_tokens") or 0)
+        if isinstance(usage, dict):
+            result.prompt_tokens = _token_count(usage, "prompt_tokens")
+            result.completion_tokens = _token_count(usage, "completion_tokens")
         else:
             # A server that ignores stream_options sends no counts; each content event is
             # about one token, which is closer than charging nothing.
@@ -509,13 +509,32 @@ def _message_of(body: Any) -> str:
     return message.strip()[:MESSAGE_LIMIT] or "no message"
 
 
+# More tokens than any one answer has: a count above it is the upstream's error.
+MAX_TOKEN_COUNT = 10_000_000
+
+
+def _token_count(usage: dict[str, Any], name: str) -> int:
+    """A usage count as billing can take it: the upstream's number when it is a plausible
+    token count, else 0 (logged): an upstream's bad arithmetic must not bill or refund."""
+    value = usage.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKEN_COUNT:
+        logger.warning("ignoring the upstream's implausible %s: %r", name, value)
+        return 0
+    return value
+
+
 def _parse(task: str, response: httpx.Response) -> BackendResult:
     try:
         answer = response.json()
-        usage = answer.get("usage") or {}
+        usage = answer.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
         result = BackendResult(
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
+            prompt_tokens=_token_count(usage, "prompt_tokens"),
+            completion_tokens=_token_count(usage, "completion_tokens"),
         )
         if task == "embedding":
             rows = sorted(answer["data"], key=lambda row: row.get("index", 0))
