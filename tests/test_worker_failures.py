@@ -234,3 +234,27 @@ class SupervisorTestCase:
         finally:
             if supervisor.poll() is None:
                 supervisor.kill()
+
+
+class BatcherWaitTestCase:
+    def test_a_thread_writing_its_answer_is_not_waited_for(
+        self, dataplane, alpha, subscribe, client, start_worker, monkeypatch
+    ):
+        # The batcher waits for requests the worker has taken but not yet batched; one
+        # whose batch has answered it (its thread now writing "done") must not count.
+        from workers.runtime import ReplyWriter
+
+        deployment = fixed_deployment("counted")
+        subscribe(alpha, deployment)
+        runtime = start_worker(deployment).runtimes["counted"]
+        seen: list[int] = []
+        original = ReplyWriter._add
+
+        def noting(writer, kind, data, pipe=None):
+            if kind == "done":
+                seen.append(runtime.batcher.in_hand())
+            return original(writer, kind, data, pipe)
+
+        monkeypatch.setattr(ReplyWriter, "_add", noting)
+        client.chat.completions.create(model="counted", messages=MESSAGES)
+        assert seen == [0]

@@ -124,6 +124,9 @@ class DeploymentRuntime:
     dropped: int = field(init=False, default=0)
     # request_id -> message, while a worker thread holds it.
     in_hand: dict[str, protocol.InferenceMessage] = field(init=False, default_factory=dict)
+    # Request ids taken off the queue whose batch has not yet answered them: the ones the
+    # batcher may wait for. A thread still writing its answer no longer counts.
+    _coming: set[str] = field(init=False, default_factory=set)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -148,7 +151,7 @@ class DeploymentRuntime:
                 max_batch_size=self.spec.max_batch_size,
                 max_wait_ms=self.spec.max_wait_ms,
                 name=self.spec.slug,
-                in_hand=lambda: self.busy,
+                in_hand=lambda: len(self._coming),
             )
         logger.info(
             "deployment %s ready in %.1fs: %s",
@@ -198,6 +201,7 @@ class DeploymentRuntime:
         with self._lock:
             self.busy += 1
             self.in_hand[message["request_id"]] = message
+            self._coming.add(message["request_id"])
         try:
             self._handle(message)
         finally:
@@ -205,6 +209,7 @@ class DeploymentRuntime:
                 self.busy -= 1
                 self.handled += 1
                 self.in_hand.pop(message["request_id"], None)
+                self._coming.discard(message["request_id"])
 
     def abandon_in_hand(self) -> int:
         """Answer the messages still in hand when the worker stops without finishing them:
@@ -236,6 +241,8 @@ class DeploymentRuntime:
             pipe.exists(protocol.cancel_flag(request_id))
             pipe.xlen(writer.stream)
             gone, replied = pipe.execute()
+        if gone or replied:
+            self._not_coming(request_id)  # it will not reach the batcher
         if gone:
             logger.info("dropping %s: its deadline passed or its client left", request_id)
             self._settle(message, tokens=0, completed=False)
@@ -263,7 +270,10 @@ class DeploymentRuntime:
             cancelled=_cancel_check(client, request_id),
         )
         try:
-            result = self._run(request)
+            try:
+                result = self._run(request)
+            finally:
+                self._not_coming(request_id)
         except DroppedError:
             self._settle(message, tokens=0, completed=False)
             self._count_drop()
@@ -299,6 +309,10 @@ class DeploymentRuntime:
         self._settle(message, tokens=result.total_tokens, completed=True, pipe=pipe)
         writer._add("done", done, pipe)
         pipe.execute()
+
+    def _not_coming(self, request_id: str) -> None:
+        with self._lock:
+            self._coming.discard(request_id)
 
     def _count_drop(self) -> None:
         with self._lock:
