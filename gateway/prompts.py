@@ -6,6 +6,8 @@ definition before it is stored), the admin forms and the data plane (which rende
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 import jsonschema
@@ -25,7 +27,7 @@ ROLES = ("system", "user", "assistant")
 PARAMETERS: dict[str, tuple[type | tuple[type, ...], float | None, float | None]] = {
     "temperature": ((int, float), 0.0, 2.0),
     "top_p": ((int, float), 0.0, 1.0),
-    "max_tokens": (int, 1, None),
+    "max_tokens": (int, 1, 2**31 - 1),
     "seed": (int, -(2**63), 2**63 - 1),
     "stop": ((str, list), None, None),
 }
@@ -41,9 +43,41 @@ def _invalid(message: str, param: str, error: errors.ErrorCode = errors.INVALID_
 PATTERN_TIMEOUT_S = 0.05
 
 
+# Compiling a pattern is not covered by the timeout, and counted repeats are built out
+# when it is compiled: (a{1000}){1000} takes most of a second, a{1000000000} all memory.
+MAX_PATTERN_LENGTH = 1000
+MAX_PATTERN_REPEAT = 1000
+MAX_PATTERN_REPEATS_PRODUCT = 100_000
+_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+@functools.lru_cache(maxsize=1024)
+def pattern_problem(pattern: str) -> str | None:
+    """Why a `pattern` cannot be used here (too costly to compile, or invalid), or None."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        return f"is longer than {MAX_PATTERN_LENGTH} characters"
+    product = 1
+    for low, high in _REPEAT.findall(pattern):
+        for bound in (low, high):
+            if bound and (len(bound) > 4 or int(bound) > MAX_PATTERN_REPEAT):
+                return f"repeats something {bound} times (at most {MAX_PATTERN_REPEAT})"
+        product *= max(int(low), int(high or 0), 1)
+        if product > MAX_PATTERN_REPEATS_PRODUCT:
+            return "has counted repeats that multiply past what can be compiled quickly"
+    try:
+        regex.compile(pattern)
+    except regex.error as exc:
+        return f"is not a valid regular expression ({exc})"
+    return None
+
+
 def _pattern(validator, pattern: str, instance: Any, schema: dict[str, Any]):
     """The `pattern` keyword, as jsonschema's, but with a time limit."""
     if not validator.is_type(instance, "string"):
+        return
+    problem = pattern_problem(pattern)
+    if problem:  # stored before patterns were checked
+        yield ValidationError(f"cannot be checked: the schema's pattern {problem}")
         return
     try:
         found = regex.search(pattern, instance, timeout=PATTERN_TIMEOUT_S)
@@ -69,37 +103,76 @@ def schema_errors(validator, value: Any, *, param: str) -> list[ValidationError]
         return sorted(
             validator.iter_errors(value), key=lambda error: [str(part) for part in error.path]
         )
-    except Unresolvable as exc:
+    except (Unresolvable, RecursionError) as exc:
+        why = (
+            "refers to itself in a loop"
+            if isinstance(exc, RecursionError)
+            else (f"refers to something it does not contain ({exc})")
+        )
         raise errors.SluiceError(
             errors.INTERNAL_ERROR,
-            f"This prompt-API's {param} refers to something it does not contain ({exc}); "
-            "its owner must publish a corrected version.",
+            f"This prompt-API's {param} {why}; its owner must publish a corrected version.",
         ) from None
 
 
-def _references(schema: Any):
+# Keywords that apply a subschema to the same value: a reference loop through only these
+# never reaches the end of the value, so validation would recurse for ever.
+_IN_PLACE_ONE = ("not", "if", "then", "else")
+_IN_PLACE_MANY = ("allOf", "anyOf", "oneOf")
+
+
+def _in_place(node: dict[str, Any], resolver) -> list[Any]:
+    children = [node[key] for key in _IN_PLACE_ONE if isinstance(node.get(key), dict)]
+    for key in _IN_PLACE_MANY:
+        if isinstance(node.get(key), list):
+            children.extend(item for item in node[key] if isinstance(item, dict))
+    if isinstance(node.get("dependentSchemas"), dict):
+        children.extend(v for v in node["dependentSchemas"].values() if isinstance(v, dict))
+    reference = node.get("$ref")
+    if isinstance(reference, str):
+        target = resolver.lookup(reference).contents
+        if isinstance(target, dict):
+            children.append(target)
+    return children
+
+
+def _reference_loop(schema: dict[str, Any], resolver) -> bool:
+    """Whether some subschema reaches itself through references and in-place keywords."""
+    done: set[int] = set()
+
+    def visit(node: dict[str, Any], path: set[int]) -> bool:
+        if id(node) in path:
+            return True
+        if id(node) in done:
+            return False
+        path.add(id(node))
+        looped = any(visit(child, path) for child in _in_place(node, resolver))
+        path.discard(id(node))
+        done.add(id(node))
+        return looped
+
+    return any(visit(node, set()) for node in _subschemas(schema))
+
+
+def _subschemas(schema: Any):
     stack = [schema]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            if isinstance(node.get("$ref"), str):
-                yield node["$ref"]
+            yield node
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
+
+
+def _references(schema: Any):
+    for node in _subschemas(schema):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
 
 
 def _keywords(schema: Any, name: str) -> bool:
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if name in node:
-                return True
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return False
+    return any(name in node for node in _subschemas(schema))
 
 
 def check_json_schema(schema: Any, param: str) -> None:
@@ -115,6 +188,22 @@ def check_json_schema(schema: Any, param: str) -> None:
             param,
             errors.INVALID_SCHEMA,
         ) from None
+    for keyword in ("$dynamicRef", "$recursiveRef"):
+        if _keywords(schema, keyword):
+            raise _invalid(
+                f"{param} uses {keyword}, which Sluice does not support; use $ref.",
+                param,
+                errors.INVALID_SCHEMA,
+            )
+    for node in _subschemas(schema):
+        pattern = node.get("pattern")
+        problem = pattern_problem(pattern) if isinstance(pattern, str) else None
+        if problem:
+            raise _invalid(
+                f"{param} has a pattern that {problem}: {pattern[:80]!r}.",
+                param,
+                errors.INVALID_SCHEMA,
+            )
     if _keywords(schema, "patternProperties"):
         raise _invalid(
             f"{param} uses patternProperties, which Sluice does not support (property-name "
@@ -144,6 +233,13 @@ def check_json_schema(schema: Any, param: str) -> None:
                 param,
                 errors.INVALID_SCHEMA,
             ) from None
+    if _reference_loop(schema, resolver):
+        raise _invalid(
+            f"{param} refers to itself in a loop (a $ref that leads back to where it is "
+            "without going into a property or an item), which no value could end.",
+            param,
+            errors.INVALID_SCHEMA,
+        )
 
 
 def check_messages(messages: Any) -> None:

@@ -9,8 +9,8 @@ from contextvars import ContextVar
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
-from django.core.exceptions import DisallowedHost
-from django.http import HttpRequest, HttpResponse
+from django.core.exceptions import DisallowedHost, RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 
 from sluice import errors
 
@@ -61,15 +61,26 @@ class RequestIdMiddleware:
             return errors.json_error(
                 request, errors.INVALID_REQUEST, "This server does not answer to that Host."
             )
+        if "\x00" in request.path or "%00" in request.META.get("QUERY_STRING", ""):
+            # No name, slug or filter holds a NUL, and PostgreSQL refuses one in a query.
+            message = "The URL contains a NUL character (%00)."
+            if is_api_path(request.path):
+                return errors.json_error(request, errors.INVALID_REQUEST, message)
+            return HttpResponseBadRequest(message, content_type="text/plain")
         length = request.headers.get("Content-Length", "")
         if not length and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
             # A chunked body has no length up front; Django has read it whole by now. DRF
             # reads no body without CONTENT_LENGTH, so give it the real one.
-            length = str(len(request.body))
+            try:
+                length = str(len(request.body))
+            except RequestDataTooBig:
+                length = str(settings.MAX_REQUEST_BODY_BYTES + 1)
             request.META["CONTENT_LENGTH"] = length
         if length.isdigit() and int(length) > settings.MAX_REQUEST_BODY_BYTES:
             message = (
-                f"The request body is {int(length):,} bytes; the limit is "
+                f"The request body is over the limit of {settings.MAX_REQUEST_BODY_BYTES:,} bytes."
+                if request.headers.get("Transfer-Encoding")
+                else f"The request body is {int(length):,} bytes; the limit is "
                 f"{settings.MAX_REQUEST_BODY_BYTES:,} bytes."
             )
             return errors.json_error(request, errors.REQUEST_TOO_LARGE, message)

@@ -39,9 +39,17 @@ def api_path_without_slash(request: HttpRequest, path: str) -> JsonResponse:
     clients follow with a GET (so a POST's body is lost), or, with DEBUG on, a 500.
     """
     message = f"No endpoint at {request.path}."
-    if is_valid_path(f"{request.path_info}/"):
+    with_slash = is_valid_path(f"{request.path_info}/")
+    if with_slash and with_slash.func is not no_endpoint:
         message = f"{message} Management API paths end with a slash: {request.path}/"
     return errors.json_error(request, errors.NOT_FOUND, message)
+
+
+@csrf_exempt
+def no_endpoint(request: HttpRequest, **_: str) -> JsonResponse:
+    """Any other path under /v1/ or /api/: the API's own 404, in DEBUG too (where Django
+    would show its HTML technical 404 page instead of handler404)."""
+    return errors.json_error(request, errors.NOT_FOUND, f"No endpoint at {request.path}.")
 
 
 api_patterns = [
@@ -103,6 +111,7 @@ api_patterns = [
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", ApiDocsView.as_view(url_name="api:schema"), name="docs"),
     re_path(r"^(?P<path>.*[^/])$", api_path_without_slash),
+    re_path(r"^", no_endpoint),
 ]
 
 v1_patterns = [
@@ -112,11 +121,13 @@ v1_patterns = [
     path("models", v1.ModelListView.as_view(), name="models"),
     path("models/<str:model>", v1.ModelDetailView.as_view(), name="model"),
     path("apis/<slug:slug>", v1.PromptApiView.as_view(), name="prompt-api"),
+    re_path(r"^", no_endpoint),
 ]
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("v1/", include((v1_patterns, "v1"))),
+    re_path(r"^v1$", no_endpoint),
     path("admin/", admin.site.urls),
     path("api/", include((api_patterns, "api"))),
     path("", include("tenants.console.urls")),

@@ -185,8 +185,9 @@ def test_an_unexpected_exception_is_a_json_500_with_the_request_id(api, alpha, a
 @pytest.mark.parametrize(
     "url", ["/api/tenant/?tenant=%00", "/api/call-logs/?tenant=%00", "/api/keys/?tenant=alp%00ha"]
 )
-def test_a_nul_in_the_tenant_parameter_is_a_404(api, alpha, alice, url):
-    assert_error(api.as_user(alice).get(url), 404, "not_found")
+def test_a_nul_in_the_url_is_a_400_before_any_lookup(api, alpha, alice, url):
+    error = assert_error(api.as_user(alice).get(url), 400, "invalid_request")
+    assert "NUL" in error["message"]
 
 
 def test_a_nul_in_the_tenant_header_is_a_404(api, alpha, alice):
@@ -195,8 +196,9 @@ def test_a_nul_in_the_tenant_header_is_a_404(api, alpha, alice):
 
 
 @pytest.mark.parametrize("who", ["alice", "root"])
-def test_a_nul_in_a_deployment_slug_is_a_404(api, users, alpha, chat_deployment, who):
-    assert_error(api.as_user(users[who]).get("/api/deployments/%00/"), 404, "not_found")
+def test_a_nul_in_a_deployment_slug_is_a_400(api, users, alpha, chat_deployment, who):
+    response = api.as_user(users[who]).get("/api/deployments/%00/")
+    assert_error(response, 400, "invalid_request")
 
 
 class TestInvitationEmails:

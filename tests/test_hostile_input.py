@@ -83,7 +83,7 @@ def test_a_key_with_characters_outside_its_alphabet_is_just_invalid(setup):  # n
         refused(reply, 401, "invalid_api_key")
 
 
-@pytest.mark.parametrize("name", ["%00", "a%00b", "x" * 300, "%C3%A9t%C3%A9"])
+@pytest.mark.parametrize("name", ["x" * 300, "%C3%A9t%C3%A9", "a:b:..", "-x"])
 def test_a_model_name_no_deployment_could_have_is_not_found(setup, name):  # noqa: F811
     reply = httpx.get(
         f"{setup['base']}/v1/models/{name}", headers={"Authorization": f"Bearer {setup['key']}"}
@@ -153,12 +153,61 @@ def check(**overrides):
             "never fetches",
         ),
         ({**TEXT_INPUT, "patternProperties": {"^x": {"type": "string"}}}, "patternProperties"),
+        (
+            {
+                **TEXT_INPUT,
+                "$defs": {"a": {"$ref": "#/$defs/a"}},
+                "properties": {"text": {"$ref": "#/$defs/a"}},
+            },
+            "in a loop",
+        ),
+        ({"$ref": "#", "type": "object"}, "in a loop"),
+        (
+            {
+                **TEXT_INPUT,
+                "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"allOf": [{"$ref": "#/$defs/a"}]}},
+                "properties": {"text": {"$ref": "#/$defs/a"}},
+            },
+            "in a loop",
+        ),
+        ({**TEXT_INPUT, "properties": {"text": {"$dynamicRef": "#meta"}}}, "$dynamicRef"),
+        (
+            {**TEXT_INPUT, "properties": {"text": {"pattern": "a{1000000000}"}}},
+            "repeats something",
+        ),
+        ({**TEXT_INPUT, "properties": {"text": {"pattern": "(a{1000}){1000}"}}}, "multiply"),
+        ({**TEXT_INPUT, "propertyNames": {"pattern": "x{99999}"}}, "repeats something"),
     ],
 )
 def test_schemas_that_would_fetch_or_cannot_resolve_are_refused(schema, said):
     refusal = check(input_schema=schema)
     assert refusal.error.code == "invalid_schema"
     assert said in refusal.message
+
+
+def test_a_recursive_schema_that_descends_is_fine():
+    # A tree: each level is a property of the one above, so validation ends with the value.
+    tree = {**TEXT_INPUT, "properties": {"text": {"type": "string"}, "child": {"$ref": "#"}}}
+    prompts.check_json_schema(tree, "input_schema")
+    validator = prompts.make_validator(tree)
+    assert not prompts.schema_errors(
+        validator, {"text": "a", "child": {"text": "b", "child": {"text": "c"}}}, param="x"
+    )
+
+
+def test_a_stored_schema_that_loops_is_the_prompt_apis_fault_not_a_crash():
+    validator = prompts.make_validator({"$ref": "#"})
+    with pytest.raises(SluiceError) as refusal:
+        prompts.schema_errors(validator, {"a": 1}, param="output_schema")
+    assert "in a loop" in refusal.value.message
+
+
+def test_a_stored_costly_pattern_is_refused_at_call_time_without_compiling_it():
+    validator = prompts.make_validator(
+        {"type": "object", "properties": {"text": {"type": "string", "pattern": "a{1000000000}"}}}
+    )
+    [error] = prompts.schema_errors(validator, {"text": "a"}, param="input_schema")
+    assert "cannot be checked" in error.message
 
 
 def test_a_reference_inside_the_schema_is_fine():
@@ -247,3 +296,33 @@ def test_a_chunked_body_is_read(setup):  # noqa: F811
 )
 def test_integers_beyond_what_a_model_takes_are_refused_by_name(setup, field, value):  # noqa: F811
     refused(call(setup, "chat/completions", {**CHAT, field: value}), 400, "invalid_request", field)
+
+
+@pytest.mark.parametrize(
+    "url", ["/v1/models/%00", "/v1/models/a%00b", "/api/deployments/?x=%00", "/admin/?q=%00"]
+)
+def test_a_nul_in_the_url_is_a_400_before_anything_looks_it_up(setup, url):  # noqa: F811
+    reply = httpx.get(setup["base"] + url, headers={"Authorization": f"Bearer {setup['key']}"})
+    assert reply.status_code == 400, reply.text
+    if not url.startswith("/admin/"):
+        refused(reply, 400, "invalid_request")
+
+
+@pytest.mark.parametrize("path", ["models/", "chat/completions/", "nope", "apis/"])
+def test_unknown_paths_under_v1_are_json_404s_even_in_debug(setup, path, settings):  # noqa: F811
+    settings.DEBUG = True  # where Django would answer its HTML technical 404 page
+    reply = httpx.get(
+        f"{setup['base']}/v1/{path}", headers={"Authorization": f"Bearer {setup['key']}"}
+    )
+    refused(reply, 404, "not_found")
+
+
+def test_an_oversize_chunked_body_is_a_413(setup):  # noqa: F811
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 65536
+
+    reply = call(
+        setup, "chat/completions", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    refused(reply, 413, "request_too_large")
