@@ -6,6 +6,7 @@ from django.contrib import admin
 from django.utils.html import format_html
 
 from sluice import errors
+from sluice.admin_base import SluiceModelAdmin
 from tenants.admin import badge, when
 
 from .models import CallLog
@@ -68,7 +69,7 @@ class ErrorCodeFilter(admin.SimpleListFilter):
 
 
 @admin.register(CallLog)
-class CallLogAdmin(admin.ModelAdmin):
+class CallLogAdmin(SluiceModelAdmin):
     list_display = [
         "at_time",
         "request_id",

@@ -19,6 +19,7 @@ from django.http import HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html
 
+from sluice.admin_base import SluiceModelAdmin
 from sluice.errors import SluiceError
 from sluice.parsers import problem_in
 from sluice.redisconn import publish_invalidation_on_commit
@@ -92,7 +93,7 @@ class DeploymentForm(forms.ModelForm):
 
 
 @admin.register(ModelDeployment)
-class ModelDeploymentAdmin(admin.ModelAdmin):
+class ModelDeploymentAdmin(SluiceModelAdmin):
     form = DeploymentForm
     list_display = [
         "slug",
@@ -432,7 +433,7 @@ class OwnerFilter(admin.SimpleListFilter):
 
 
 @admin.register(PromptApi)
-class PromptApiAdmin(admin.ModelAdmin):
+class PromptApiAdmin(SluiceModelAdmin):
     form = PromptApiForm
     list_display = [
         "slug",
@@ -644,7 +645,7 @@ class ServingFilter(admin.SimpleListFilter):
 
 
 @admin.register(PromptApiVersion)
-class PromptApiVersionAdmin(admin.ModelAdmin):
+class PromptApiVersionAdmin(SluiceModelAdmin):
     form = VersionForm
     list_display = [
         "__str__",

@@ -32,6 +32,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.timezone import localtime
 
+from sluice.admin_base import SluiceModelAdmin
 from sluice.errors import SluiceError
 from sluice.redisconn import publish_invalidation_on_commit
 
@@ -190,7 +191,7 @@ def action_note(request: HttpRequest) -> str:
 
 
 @admin.register(Plan)
-class PlanAdmin(admin.ModelAdmin):
+class PlanAdmin(SluiceModelAdmin):
     list_display = [
         "name",
         "slug",
@@ -339,7 +340,7 @@ class QuotaOverrideInline(admin.StackedInline):
 
 
 @admin.register(Tenant)
-class TenantAdmin(admin.ModelAdmin):
+class TenantAdmin(SluiceModelAdmin):
     list_display = [
         "name",
         "slug",
@@ -619,7 +620,7 @@ class MembershipForm(forms.ModelForm):
 
 
 @admin.register(Membership)
-class MembershipAdmin(admin.ModelAdmin):
+class MembershipAdmin(SluiceModelAdmin):
     form = MembershipForm
     list_display = ["user", "user_email", "tenant", "role", "created"]
     list_filter = ["role", "tenant"]
@@ -747,7 +748,7 @@ class ApiKeyIssueForm(forms.ModelForm):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(SluiceModelAdmin):
     list_display = [
         "name",
         "key_prefix",
@@ -947,7 +948,7 @@ class AccessRequestReviewForm(forms.ModelForm):
 
 
 @admin.register(AccessRequest)
-class AccessRequestAdmin(admin.ModelAdmin):
+class AccessRequestAdmin(SluiceModelAdmin):
     form = AccessRequestReviewForm
     list_display = [
         "state_badge",
@@ -1114,7 +1115,7 @@ class SubscriptionStatusFilter(admin.SimpleListFilter):
 
 
 @admin.register(Subscription)
-class SubscriptionAdmin(admin.ModelAdmin):
+class SubscriptionAdmin(SluiceModelAdmin):
     list_display = [
         "tenant",
         "target_link",
@@ -1197,7 +1198,7 @@ class SubscriptionAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
+class AuditEventAdmin(SluiceModelAdmin):
     list_display = ["at_time", "action", "actor_label", "tenant", "target"]
     list_filter = ["action", "target_type", "tenant"]
     search_fields = [

@@ -896,3 +896,11 @@ class TestCallLog:
         )
         assert staff_client.get(admin_url(CallLog, "changelist")).status_code == 200
         assert staff_client.get(admin_url(CallLog, "change", orphan.pk)).status_code == 200
+
+
+class TestAdminLookups:
+    def test_a_year_too_large_for_a_date_is_a_bad_lookup_not_a_500(self, client, root):
+        client.force_login(root)
+        response = client.get("/admin/tenants/tenant/?created_at__year=99999999999999999999")
+        assert response.status_code == 302
+        assert response["Location"].endswith("?e=1")
