@@ -91,6 +91,14 @@ class DeploymentForm(forms.ModelForm):
         # An emptied JSON box means "no configuration", not SQL NULL.
         return self.cleaned_data.get("backend_config") or {}
 
+    def clean_task(self):
+        task = self.cleaned_data.get("task")
+        try:
+            services.check_task_change(self.instance, task)
+        except SluiceError as exc:
+            raise ValidationError(exc.message, code="conflict") from None
+        return task
+
 
 @admin.register(ModelDeployment)
 class ModelDeploymentAdmin(SluiceModelAdmin):

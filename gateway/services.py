@@ -109,6 +109,7 @@ def deployment_update(
             param="slug",
         )
     _check_storable("backend_config", changes.get("backend_config"))
+    check_task_change(deployment, changes.get("task", deployment.task))
     before = {name: getattr(deployment, name) for name in changes}
     for name, value in changes.items():
         setattr(deployment, name, value)
@@ -126,6 +127,24 @@ def deployment_update(
 
 
 # --- prompt-APIs ------------------------------------------------------------------------
+
+
+def check_task_change(deployment: ModelDeployment, task: str) -> None:
+    """A deployment that published prompt-APIs run on must keep generating text."""
+    if task in PROMPT_TASKS or deployment.pk is None:
+        return
+    versions = PromptApiVersion.objects.filter(deployment=deployment).exclude(
+        state=PromptApiVersion.State.DRAFT
+    )
+    used_by = versions.select_related("prompt_api").first()
+    if used_by is not None:
+        raise errors.SluiceError(
+            errors.CONFLICT,
+            f"Prompt-API '{used_by.prompt_api.slug}' v{used_by.number} runs on "
+            f"'{deployment.slug}' and needs a chat or completion model; the task cannot "
+            f"become {task!r}. Create a new deployment instead.",
+            param="task",
+        )
 
 
 @transaction.atomic

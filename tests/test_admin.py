@@ -904,3 +904,27 @@ class TestAdminLookups:
         response = client.get("/admin/tenants/tenant/?created_at__year=99999999999999999999")
         assert response.status_code == 302
         assert response["Location"].endswith("?e=1")
+
+
+class TestDeploymentTaskInTheAdmin:
+    def test_a_task_a_published_prompt_api_cannot_run_on_is_a_form_error(
+        self, staff_client, alpha, alice, chat_deployment, subscribe
+    ):
+        from tests.conftest import published_prompt_api
+
+        subscribe(alpha, chat_deployment)
+        published_prompt_api(
+            tenant=alpha,
+            user=alice,
+            slug="wrap",
+            deployment=chat_deployment,
+            messages=[{"role": "user", "content": "{{text}}"}],
+            input_schema={"type": "object", "properties": {"text": {"type": "string"}}},
+        )
+        url = admin_url(ModelDeployment, "change", chat_deployment.pk)
+        data = changeform_data(staff_client.get(url)) | {"task": "embedding"}
+        response = staff_client.post(url, data)
+        assert response.status_code == 200  # the form again, with its error
+        assert "wrap" in response.content.decode()
+        chat_deployment.refresh_from_db()
+        assert chat_deployment.task == "chat"
