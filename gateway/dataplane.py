@@ -440,11 +440,7 @@ class Call:
             async with client.pipeline(transaction=False) as pipe:
                 if cancel:
                     # Workers skip a cancelled message and stop a generation in progress.
-                    pipe.set(
-                        protocol.cancel_flag(self.request_id),
-                        1,
-                        px=max(1000, self.deadline_ms - protocol.now_ms()) + 60_000,
-                    )
+                    protocol.queue_cancel(pipe, self.request_id, self.deadline_ms)
                 pipe.eval(settlement.SETTLE, len(keys), *keys, *args)
                 reserved = (await pipe.execute())[-1]
         except (redis.RedisError, OSError):

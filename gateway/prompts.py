@@ -175,6 +175,13 @@ def _keywords(schema: Any, name: str) -> bool:
     return any(name in node for node in _subschemas(schema))
 
 
+def check_storable(name: str, value: Any) -> None:
+    """Refuse JSON that PostgreSQL's JSONB would (NUL, unpaired surrogates, NaN)."""
+    problem = problem_in(value, allow_nul=False)
+    if problem:
+        raise _invalid(f"{name}: {problem}.", name)
+
+
 def check_json_schema(schema: Any, param: str) -> None:
     """Refuse a JSON Schema that is not itself valid, saying where and why."""
     if not isinstance(schema, dict):
@@ -297,9 +304,7 @@ def check_version_definition(
         ("output_schema", output_schema),
         ("parameters", parameters),
     ):
-        problem = problem_in(value, allow_nul=False)
-        if problem:
-            raise _invalid(f"{name}: {problem}.", name)
+        check_storable(name, value)
     check_messages(messages)
     check_json_schema(input_schema, "input_schema")
     if input_schema.get("type") != "object":

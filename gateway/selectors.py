@@ -17,8 +17,7 @@ def deployments_visible_to(tenant: Tenant | None) -> QuerySet[ModelDeployment]:
 
 
 def access_deployment(*, tenant: Tenant | None, slug: str) -> ModelDeployment:
-    # PostgreSQL cannot even compare text holding NUL, and no slug holds one.
-    found = None if "\x00" in slug else deployments_visible_to(tenant).filter(slug=slug).first()
+    found = deployments_visible_to(tenant).filter(slug=slug).first()
     if found is None:
         raise errors.SluiceError(errors.NOT_FOUND, f"No deployment '{slug}'.")
     return found
@@ -33,7 +32,7 @@ def prompt_apis_visible_to(tenant: Tenant | None) -> QuerySet[PromptApi]:
 
 
 def access_prompt_api(*, tenant: Tenant | None, slug: str) -> PromptApi:
-    found = None if "\x00" in slug else prompt_apis_visible_to(tenant).filter(slug=slug).first()
+    found = prompt_apis_visible_to(tenant).filter(slug=slug).first()
     if found is None:
         raise errors.SluiceError(errors.NOT_FOUND, f"No prompt-API '{slug}'.")
     return found

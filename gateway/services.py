@@ -10,7 +10,6 @@ from django.db.models import Max
 from django.utils import timezone
 
 from sluice import errors
-from sluice.parsers import problem_in
 from sluice.redisconn import publish_invalidation_on_commit
 from tenants.models import Subscription, Tenant
 from tenants.policy import Actor
@@ -60,13 +59,6 @@ def _full_clean(instance, exclude: list[str] | None = None) -> None:
         ) from None
 
 
-def _check_storable(name: str, value: Any) -> None:
-    """Refuse JSON that PostgreSQL's JSONB would (NUL, unpaired surrogates, NaN)."""
-    problem = problem_in(value, allow_nul=False)
-    if problem:
-        raise errors.SluiceError(errors.INVALID_REQUEST, f"{name}: {problem}.", param=name)
-
-
 # --- deployments ------------------------------------------------------------------------
 
 
@@ -79,7 +71,7 @@ def deployment_create(*, actor: Actor, **fields: Any) -> ModelDeployment:
         raise errors.SluiceError(
             errors.CONFLICT, f"A deployment named '{fields['slug']}' already exists.", param="slug"
         )
-    _check_storable("backend_config", fields.get("backend_config"))
+    prompts.check_storable("backend_config", fields.get("backend_config"))
     deployment = ModelDeployment(**fields)
     _full_clean(deployment)
     deployment.save()
@@ -108,7 +100,7 @@ def deployment_update(
             "instead of renaming one.",
             param="slug",
         )
-    _check_storable("backend_config", changes.get("backend_config"))
+    prompts.check_storable("backend_config", changes.get("backend_config"))
     check_task_change(deployment, changes.get("task", deployment.task))
     before = {name: getattr(deployment, name) for name in changes}
     for name, value in changes.items():

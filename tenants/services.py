@@ -464,10 +464,11 @@ def _clean_quota(tenant: Tenant, quota: dict[str, Any]) -> dict[str, int]:
                 f"{name} must be a positive integer.",
                 param=f"quota.{name}",
             )
-        if value > quota_maximum(name):
+        maximum = quota_maximum(name)
+        if value > maximum:
             raise errors.SluiceError(
                 errors.INVALID_REQUEST,
-                f"{name} can be at most {quota_maximum(name):,}.",
+                f"{name} can be at most {maximum:,}.",
                 param=f"quota.{name}",
             )
         current = getattr(limits, name)
@@ -676,11 +677,12 @@ def access_request_approve(
     if access_request.kind == AccessRequest.Kind.RAISE_QUOTA:
         # One filed before quotas were bounded may ask for more than can be stored.
         for name, value in access_request.quota.items():
-            if value > quota_maximum(name):
+            maximum = quota_maximum(name)
+            if value > maximum:
                 raise errors.SluiceError(
                     errors.CONFLICT,
                     f"This request asks for {name} {value:,}, more than the "
-                    f"{quota_maximum(name):,} that can be stored; reject it instead.",
+                    f"{maximum:,} that can be stored; reject it instead.",
                 )
     return _decide(
         access_request=access_request, state=AccessRequest.State.APPROVED, note=note, actor=actor

@@ -67,6 +67,12 @@ def cancel_flag(request_id: str) -> str:
     return key("cancel", request_id)
 
 
+def queue_cancel(pipe, request_id: str, deadline_ms: int) -> None:
+    """Queue, on a sync or async pipeline, the cancel flag of a request: kept a minute past
+    its deadline, as long as any copy of its message could still be picked up."""
+    pipe.set(cancel_flag(request_id), 1, px=max(1000, deadline_ms - now_ms()) + 60_000)
+
+
 def leases(deployment: str) -> str:
     """ZSET request_id -> lease deadline (ms): the deployment's admitted requests."""
     return key("leases", deployment)

@@ -118,7 +118,6 @@ class DeploymentRuntime:
     backend: Backend = field(init=False)
     batcher: MicroBatcher | None = field(init=False, default=None)
     actor: dramatiq.Actor | None = field(init=False, default=None)
-    busy: int = field(init=False, default=0)
     handled: int = field(init=False, default=0)
     # Messages skipped because their deadline had passed or their client had gone.
     dropped: int = field(init=False, default=0)
@@ -199,14 +198,12 @@ class DeploymentRuntime:
 
     def handle(self, message: protocol.InferenceMessage) -> None:
         with self._lock:
-            self.busy += 1
             self.in_hand[message["request_id"]] = message
             self._coming.add(message["request_id"])
         try:
             self._handle(message)
         finally:
             with self._lock:
-                self.busy -= 1
                 self.handled += 1
                 self.in_hand.pop(message["request_id"], None)
                 self._coming.discard(message["request_id"])
@@ -310,6 +307,11 @@ class DeploymentRuntime:
         writer._add("done", done, pipe)
         pipe.execute()
 
+    @property
+    def busy(self) -> int:
+        """Messages worker threads hold now."""
+        return len(self.in_hand)
+
     def _not_coming(self, request_id: str) -> None:
         with self._lock:
             self._coming.discard(request_id)
@@ -366,11 +368,7 @@ class DeploymentRuntime:
     ) -> None:
         pipe = get_redis().pipeline(transaction=False)
         if cancel:
-            pipe.set(
-                protocol.cancel_flag(message["request_id"]),
-                1,
-                px=max(1000, message["deadline_ms"] - protocol.now_ms()) + 60_000,
-            )
+            protocol.queue_cancel(pipe, message["request_id"], message["deadline_ms"])
         self._settle(message, tokens=0, completed=False, pipe=pipe)
         writer._add("error", {"code": code, "message": text, "status": status}, pipe)
         try:
