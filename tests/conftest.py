@@ -284,3 +284,15 @@ def published_prompt_api(*, tenant, user, slug: str, deployment, **version):
     )
     gateway_services.prompt_api_version_publish(version=draft, actor=actor)
     return prompt_api
+
+
+def published_text_prompt_api(*, tenant, user, deployment, slug: str = "wrap", template="{{text}}"):
+    """A published prompt-API that sends its one `text` input to the model in `template`."""
+    return published_prompt_api(
+        tenant=tenant,
+        user=user,
+        slug=slug,
+        deployment=deployment,
+        messages=[{"role": "user", "content": template}],
+        input_schema={"type": "object", "properties": {"text": {"type": "string"}}},
+    )

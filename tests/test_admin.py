@@ -910,17 +910,10 @@ class TestDeploymentTaskInTheAdmin:
     def test_a_task_a_published_prompt_api_cannot_run_on_is_a_form_error(
         self, staff_client, alpha, alice, chat_deployment, subscribe
     ):
-        from tests.conftest import published_prompt_api
+        from tests.conftest import published_text_prompt_api
 
         subscribe(alpha, chat_deployment)
-        published_prompt_api(
-            tenant=alpha,
-            user=alice,
-            slug="wrap",
-            deployment=chat_deployment,
-            messages=[{"role": "user", "content": "{{text}}"}],
-            input_schema={"type": "object", "properties": {"text": {"type": "string"}}},
-        )
+        published_text_prompt_api(tenant=alpha, user=alice, deployment=chat_deployment)
         url = admin_url(ModelDeployment, "change", chat_deployment.pk)
         data = changeform_data(staff_client.get(url)) | {"task": "embedding"}
         response = staff_client.post(url, data)

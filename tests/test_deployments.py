@@ -122,17 +122,10 @@ def test_the_services_refuse_a_backend_config_postgresql_cannot_store(
 def test_a_deployment_under_a_published_prompt_api_keeps_a_generation_task(
     root, alpha, alice, chat_deployment, subscribe
 ):
-    from tests.conftest import published_prompt_api
+    from tests.conftest import published_text_prompt_api
 
     subscribe(alpha, chat_deployment)
-    published_prompt_api(
-        tenant=alpha,
-        user=alice,
-        slug="wrap",
-        deployment=chat_deployment,
-        messages=[{"role": "user", "content": "{{text}}"}],
-        input_schema={"type": "object", "properties": {"text": {"type": "string"}}},
-    )
+    published_text_prompt_api(tenant=alpha, user=alice, deployment=chat_deployment)
     with pytest.raises(SluiceError) as refused:
         services.deployment_update(
             deployment=chat_deployment, actor=actor(root), task=ModelDeployment.Task.EMBEDDING

@@ -11,7 +11,7 @@ from tenants import services
 from tenants.models import Subscription
 from tenants.policy import SYSTEM
 
-from .conftest import fixed_deployment, published_prompt_api, wait_until
+from .conftest import fixed_deployment, published_text_prompt_api, wait_until
 
 INPUTS = {"text": "hello"}
 
@@ -33,15 +33,9 @@ def client_for(dataplane, tenant, user, issue_key) -> openai.OpenAI:
     )
 
 
-def wrap(alpha, alice, chat, **fields):
-    return published_prompt_api(
-        tenant=alpha,
-        user=alice,
-        slug="wrap",
-        deployment=chat,
-        messages=[{"role": "user", "content": "Wrap: {{text}}"}],
-        input_schema={"type": "object", "properties": {"text": {"type": "string"}}},
-        **fields,
+def wrap(alpha, alice, chat):
+    return published_text_prompt_api(
+        tenant=alpha, user=alice, deployment=chat, template="Wrap: {{text}}"
     )
 
 
